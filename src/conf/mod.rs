@@ -1,0 +1,681 @@
+//! Configuration: the command line ([`args`]), what the host looks like ([`host`], found by
+//! [`netlink`] and [`resolv`]), and [`Config`], the one validated result the rest of the
+//! program reads. [`Config::from_args`] is the only place that validates options: it does no
+//! I/O, so every rule is unit-tested with a made-up host.
+
+pub mod args;
+pub mod host;
+pub mod netlink;
+pub mod resolv;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use log::LevelFilter;
+
+pub use args::Args;
+pub use host::{Host4, Host6, HostInfo, Resolv};
+
+/// Default MTU advertised to the guest: the largest that fits a 64 KiB frame with headers.
+pub const DEFAULT_MTU: u16 = 65520;
+/// Smallest MTU we accept: IPv4's minimum (IPv6 is turned off below 1280).
+pub const MIN_MTU: u32 = 68;
+/// IPv6's minimum link MTU.
+pub const MIN_MTU_IPV6: u16 = 1280;
+/// The MAC address we answer with, as upstream passt.
+pub const DEFAULT_OUR_MAC: [u8; 6] = [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55];
+
+/// A configuration problem, named after the option at fault.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{option}: {problem}")]
+pub struct ConfError {
+    pub option: &'static str,
+    pub problem: String,
+}
+
+fn bad(option: &'static str, problem: impl Into<String>) -> ConfError {
+    ConfError {
+        option,
+        problem: problem.into(),
+    }
+}
+
+/// How the guest's frames reach us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// QEMU's `-netdev stream`: 4-byte big-endian length, then the frame.
+    Stream,
+    /// A vhost-user-net back-end: frames in guest memory, virtqueues.
+    VhostUser,
+}
+
+/// The guest's IPv4 configuration, as handed out by DHCP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ip4 {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    /// DNS servers to advertise; empty with `--no-dhcp-dns`.
+    pub dns: Vec<Ipv4Addr>,
+}
+
+impl Ip4 {
+    pub fn netmask(&self) -> Ipv4Addr {
+        prefix_to_mask(self.prefix_len)
+    }
+
+    /// Whether `addr` is on the guest's subnet.
+    pub fn on_link(&self, addr: Ipv4Addr) -> bool {
+        let mask = u32::from(self.netmask());
+        u32::from(addr) & mask == u32::from(self.addr) & mask
+    }
+}
+
+/// The guest's IPv6 configuration, as handed out by NDP and DHCPv6.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ip6 {
+    pub addr: Ipv6Addr,
+    pub prefix_len: u8,
+    /// The host's gateway (may be link-local).
+    pub gateway: Ipv6Addr,
+    /// Link-local address we speak from in NDP and DHCPv6: the guest's default router.
+    pub our_ll: Ipv6Addr,
+    /// DNS servers to advertise; empty with `--no-dhcp-dns`.
+    pub dns: Vec<Ipv6Addr>,
+}
+
+impl Ip6 {
+    /// The guest's prefix, host bits cleared.
+    pub fn prefix(&self) -> Ipv6Addr {
+        let bits = u128::from(self.addr);
+        let mask = if self.prefix_len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.prefix_len.min(128)))
+        };
+        Ipv6Addr::from(bits & mask)
+    }
+}
+
+/// What the L2/L3 services (ARP, DHCP, NDP, DHCPv6) tell the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Our MAC: the source of every frame we send to the guest.
+    pub our_mac: [u8; 6],
+    /// MTU to advertise; `None`: advertise none.
+    pub mtu: Option<u16>,
+    pub ip4: Option<Ip4>,
+    pub ip6: Option<Ip6>,
+    /// Search domains to advertise; empty with `--no-dhcp-search`.
+    pub dns_search: Vec<String>,
+    pub hostname: Option<String>,
+    pub fqdn: Option<String>,
+    pub dhcp: bool,
+    pub ndp: bool,
+    pub dhcpv6: bool,
+    pub ra: bool,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            our_mac: DEFAULT_OUR_MAC,
+            mtu: Some(DEFAULT_MTU),
+            ip4: None,
+            ip6: None,
+            dns_search: Vec::new(),
+            hostname: None,
+            fqdn: None,
+            dhcp: true,
+            ndp: true,
+            dhcpv6: true,
+            ra: true,
+        }
+    }
+}
+
+/// The validated configuration of one passt-rs process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub mode: Mode,
+    pub socket_path: Option<PathBuf>,
+    pub fd: Option<RawFd>,
+    pub one_off: bool,
+    pub foreground: bool,
+    pub log_level: LevelFilter,
+    pub log_file: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub net: NetConfig,
+    pub tcp: bool,
+    pub udp: bool,
+    pub icmp: bool,
+    pub outbound4: Option<Ipv4Addr>,
+    pub outbound6: Option<Ipv6Addr>,
+    pub outbound_if4: Option<String>,
+    pub outbound_if6: Option<String>,
+    /// `-t` specs, parsed by the port forwarding module.
+    pub tcp_ports: Vec<String>,
+    /// `-u` specs, parsed by the port forwarding module.
+    pub udp_ports: Vec<String>,
+    /// Notes for the log about choices made (families turned off, resolvers skipped).
+    pub notes: Vec<String>,
+}
+
+impl Config {
+    /// Validates `args` against what was discovered about `host`.
+    pub fn from_args(args: &Args, host: &HostInfo) -> Result<Config, ConfError> {
+        let mut notes = Vec::new();
+        let log_level = if args.trace {
+            LevelFilter::Trace
+        } else if args.debug {
+            LevelFilter::Debug
+        } else if args.quiet {
+            LevelFilter::Warn
+        } else {
+            LevelFilter::Info
+        };
+        if let Some(fd) = args.fd {
+            if fd < 0 {
+                return Err(bad("--fd", format!("invalid file descriptor {fd}")));
+            }
+            if args.socket.is_some() {
+                return Err(bad("--fd", "can't be combined with --socket"));
+            }
+        }
+
+        let mtu = match args.mtu {
+            None => Some(DEFAULT_MTU),
+            Some(0) => None,
+            Some(m) if (MIN_MTU..=u32::from(DEFAULT_MTU)).contains(&m) => Some(m as u16),
+            Some(m) => {
+                return Err(bad(
+                    "--mtu",
+                    format!("{m} is out of range: 0 or {MIN_MTU} to {DEFAULT_MTU}"),
+                ))
+            }
+        };
+        let our_mac = match &args.mac_addr {
+            None => DEFAULT_OUR_MAC,
+            Some(s) => parse_mac(s)
+                .ok_or_else(|| bad("--mac-addr", format!("invalid MAC address '{s}'")))?,
+        };
+
+        let mut addr4: Option<(Ipv4Addr, Option<u8>)> = None;
+        let mut addr6: Option<(Ipv6Addr, Option<u8>)> = None;
+        for a in &args.address {
+            match parse_addr_prefix(a)
+                .ok_or_else(|| bad("--address", format!("invalid address '{a}'")))?
+            {
+                (IpAddr::V4(v4), p) if p.is_none_or(|p| p <= 32) => addr4 = Some((v4, p)),
+                (IpAddr::V6(v6), p) if p.is_none_or(|p| p <= 128) => addr6 = Some((v6, p)),
+                _ => return Err(bad("--address", format!("invalid prefix length in '{a}'"))),
+            }
+        }
+        let netmask = match &args.netmask {
+            None => None,
+            Some(s) => Some(
+                parse_netmask(s)
+                    .ok_or_else(|| bad("--netmask", format!("invalid netmask '{s}'")))?,
+            ),
+        };
+        let mut gw4 = None;
+        let mut gw6 = None;
+        for g in &args.gateway {
+            match g.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => gw4 = Some(v4),
+                Ok(IpAddr::V6(v6)) => gw6 = Some(v6),
+                Err(_) => return Err(bad("--gateway", format!("invalid address '{g}'"))),
+            }
+        }
+        let mut outbound4 = None;
+        let mut outbound6 = None;
+        for o in &args.outbound {
+            match o.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => outbound4 = Some(v4),
+                Ok(IpAddr::V6(v6)) => outbound6 = Some(v6),
+                Err(_) => return Err(bad("--outbound", format!("invalid address '{o}'"))),
+            }
+        }
+
+        // DNS: explicit servers replace the resolver's; "none" empties the list.
+        let mut dns: Vec<IpAddr> = Vec::new();
+        let mut dns_given = false;
+        for d in &args.dns {
+            dns_given = true;
+            if d == "none" {
+                dns.clear();
+                continue;
+            }
+            dns.push(
+                d.parse()
+                    .map_err(|_| bad("--dns", format!("invalid address '{d}'")))?,
+            );
+        }
+        if !dns_given {
+            for ns in &host.resolv.nameservers {
+                if ns.is_loopback() || ns.is_unspecified() {
+                    notes.push(format!(
+                        "not advertising loopback resolver {ns} from /etc/resolv.conf: the guest can't reach it"
+                    ));
+                } else {
+                    dns.push(*ns);
+                }
+            }
+        }
+        let mut search: Vec<String> = Vec::new();
+        if args.search.is_empty() {
+            search.clone_from(&host.resolv.search);
+        }
+        for s in &args.search {
+            if s == "none" {
+                search.clear();
+                continue;
+            }
+            for domain in s.split([' ', ',']).filter(|d| !d.is_empty()) {
+                if !valid_domain(domain) {
+                    return Err(bad("--search", format!("invalid domain '{domain}'")));
+                }
+                search.push(domain.to_string());
+            }
+        }
+        if args.no_dhcp_search {
+            search.clear();
+        }
+        if let Some(h) = &args.hostname {
+            if !valid_domain(h) {
+                return Err(bad("--hostname", format!("invalid hostname '{h}'")));
+            }
+        }
+        if let Some(f) = &args.fqdn {
+            if !valid_domain(f) {
+                return Err(bad("--fqdn", format!("invalid name '{f}'")));
+            }
+        }
+        let dns4: Vec<Ipv4Addr> = dns
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(v4) if !args.no_dhcp_dns => Some(*v4),
+                _ => None,
+            })
+            .collect();
+        let dns6: Vec<Ipv6Addr> = dns
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(v6) if !args.no_dhcp_dns => Some(*v6),
+                _ => None,
+            })
+            .collect();
+
+        let ip4 = if args.ipv6_only {
+            None
+        } else {
+            match (addr4, &host.v4) {
+                (Some((addr, plen)), h) => {
+                    let prefix_len = netmask
+                        .or(plen)
+                        .or(h.as_ref().map(|h| h.prefix_len))
+                        .unwrap_or(24);
+                    let gateway = gw4.or(h.as_ref().map(|h| h.gateway));
+                    match gateway {
+                        Some(gateway) => Some(Ip4 {
+                            addr,
+                            prefix_len,
+                            gateway,
+                            dns: dns4,
+                        }),
+                        None => {
+                            return Err(bad(
+                                "--address",
+                                "no IPv4 gateway: give one with --gateway",
+                            ))
+                        }
+                    }
+                }
+                (None, Some(h)) => Some(Ip4 {
+                    addr: h.addr,
+                    prefix_len: netmask.unwrap_or(h.prefix_len),
+                    gateway: gw4.unwrap_or(h.gateway),
+                    dns: dns4,
+                }),
+                (None, None) => {
+                    notes.push("no IPv4 default route on the host: IPv4 disabled".into());
+                    None
+                }
+            }
+        };
+        let ip6 = if args.ipv4_only {
+            None
+        } else {
+            match (addr6, &host.v6) {
+                (Some((addr, plen)), h) => {
+                    let prefix_len = plen.or(h.as_ref().map(|h| h.prefix_len)).unwrap_or(64);
+                    let gateway = gw6.or(h.as_ref().map(|h| h.gateway));
+                    match gateway {
+                        Some(gateway) => Some(Ip6 {
+                            addr,
+                            prefix_len,
+                            gateway,
+                            our_ll: router_link_local(
+                                gateway,
+                                h.as_ref().and_then(|h| h.link_local),
+                            ),
+                            dns: dns6,
+                        }),
+                        None => {
+                            return Err(bad(
+                                "--address",
+                                "no IPv6 gateway: give one with --gateway",
+                            ))
+                        }
+                    }
+                }
+                (None, Some(h)) => {
+                    let gateway = gw6.unwrap_or(h.gateway);
+                    Some(Ip6 {
+                        addr: h.addr,
+                        prefix_len: h.prefix_len,
+                        gateway,
+                        our_ll: router_link_local(gateway, h.link_local),
+                        dns: dns6,
+                    })
+                }
+                (None, None) => {
+                    notes.push("no IPv6 default route on the host: IPv6 disabled".into());
+                    None
+                }
+            }
+        };
+        if ip4.is_none() && ip6.is_none() {
+            return Err(bad(
+                "--interface",
+                "no usable IPv4 or IPv6 configuration: the host has no default route; give --address and --gateway",
+            ));
+        }
+        let ip6 = match (ip6, mtu) {
+            (Some(_), Some(m)) if m < MIN_MTU_IPV6 => {
+                notes.push(format!(
+                    "MTU {m} is below IPv6's minimum of {MIN_MTU_IPV6}: IPv6 disabled"
+                ));
+                None
+            }
+            (ip6, _) => ip6,
+        };
+
+        let mode = if args.vhost_user {
+            Mode::VhostUser
+        } else {
+            Mode::Stream
+        };
+        Ok(Config {
+            mode,
+            socket_path: args.socket.clone(),
+            fd: args.fd,
+            one_off: args.one_off,
+            foreground: args.foreground,
+            log_level,
+            log_file: args.log_file.clone(),
+            pid_file: args.pid.clone(),
+            net: NetConfig {
+                our_mac,
+                mtu,
+                ip4,
+                ip6,
+                dns_search: search,
+                hostname: args.hostname.clone().or_else(|| host.hostname.clone()),
+                fqdn: args.fqdn.clone(),
+                dhcp: !args.no_dhcp,
+                ndp: !args.no_ndp,
+                dhcpv6: !args.no_dhcpv6,
+                ra: !args.no_ra && !args.no_ndp,
+            },
+            tcp: !args.no_tcp,
+            udp: !args.no_udp,
+            icmp: !args.no_icmp,
+            outbound4,
+            outbound6,
+            outbound_if4: args.outbound_if4.clone(),
+            outbound_if6: args.outbound_if6.clone(),
+            tcp_ports: args.tcp_ports.clone(),
+            udp_ports: args.udp_ports.clone(),
+            notes,
+        })
+    }
+}
+
+/// The link-local address we present as the guest's router: the host's gateway if that is
+/// link-local (so neighbour entries match what the host sees), else the host interface's
+/// own link-local address, else `fe80::1`.
+fn router_link_local(gateway: Ipv6Addr, host_ll: Option<Ipv6Addr>) -> Ipv6Addr {
+    if is_link_local6(gateway) {
+        gateway
+    } else {
+        host_ll.unwrap_or(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1))
+    }
+}
+
+pub fn is_link_local6(a: Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
+}
+
+pub fn prefix_to_mask(prefix_len: u8) -> Ipv4Addr {
+    match prefix_len {
+        0 => Ipv4Addr::UNSPECIFIED,
+        p => Ipv4Addr::from(u32::MAX << (32 - u32::from(p.min(32)))),
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, hex digits, either case.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// `ADDR` or `ADDR/PREFIX`.
+fn parse_addr_prefix(s: &str) -> Option<(IpAddr, Option<u8>)> {
+    match s.split_once('/') {
+        None => Some((s.parse().ok()?, None)),
+        Some((a, p)) => Some((a.parse().ok()?, Some(p.parse().ok()?))),
+    }
+}
+
+/// A dotted netmask with contiguous ones, or a prefix length.
+fn parse_netmask(s: &str) -> Option<u8> {
+    if let Ok(p) = s.parse::<u8>() {
+        return (p <= 32).then_some(p);
+    }
+    let m = u32::from(s.parse::<Ipv4Addr>().ok()?);
+    let ones = m.leading_ones();
+    (m.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
+}
+
+/// Letters, digits, hyphens and dots, labels of 1 to 63 characters, 253 at most in all.
+fn valid_domain(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn host() -> HostInfo {
+        HostInfo {
+            v4: Some(Host4 {
+                ifname: "eth0".into(),
+                ifindex: 2,
+                addr: "192.0.2.2".parse().unwrap(),
+                prefix_len: 24,
+                gateway: "192.0.2.1".parse().unwrap(),
+            }),
+            v6: Some(Host6 {
+                ifname: "eth0".into(),
+                ifindex: 2,
+                addr: "2001:db8::2".parse().unwrap(),
+                prefix_len: 64,
+                gateway: "fe80::1:1".parse().unwrap(),
+                link_local: Some("fe80::2".parse().unwrap()),
+            }),
+            resolv: Resolv {
+                nameservers: vec![
+                    "198.51.100.53".parse().unwrap(),
+                    "127.0.0.53".parse().unwrap(),
+                    "2001:db8:ffff::53".parse().unwrap(),
+                ],
+                search: vec!["example.test".into()],
+            },
+            hostname: Some("hosty".into()),
+        }
+    }
+
+    fn conf(cmdline: &[&str]) -> Result<Config, ConfError> {
+        let args =
+            Args::try_parse_from(std::iter::once("passt").chain(cmdline.iter().copied())).unwrap();
+        Config::from_args(&args, &host())
+    }
+
+    #[test]
+    fn defaults_mirror_the_host() {
+        let c = conf(&[]).unwrap();
+        let ip4 = c.net.ip4.unwrap();
+        assert_eq!(ip4.addr, "192.0.2.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(ip4.netmask(), "255.255.255.0".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(ip4.gateway, "192.0.2.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(ip4.dns, vec!["198.51.100.53".parse::<Ipv4Addr>().unwrap()]);
+        let ip6 = c.net.ip6.unwrap();
+        assert_eq!(ip6.our_ll, "fe80::1:1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(ip6.prefix(), "2001:db8::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            ip6.dns,
+            vec!["2001:db8:ffff::53".parse::<Ipv6Addr>().unwrap()]
+        );
+        assert_eq!(c.net.dns_search, vec!["example.test".to_string()]);
+        assert_eq!(c.net.mtu, Some(65520));
+        assert_eq!(c.net.our_mac, DEFAULT_OUR_MAC);
+        assert_eq!(c.net.hostname.as_deref(), Some("hosty"));
+        assert_eq!(c.mode, Mode::Stream);
+        assert!(c.notes.iter().any(|n| n.contains("127.0.0.53")));
+    }
+
+    #[test]
+    fn explicit_options_override() {
+        let c = conf(&[
+            "-a",
+            "10.0.0.5/16",
+            "-g",
+            "10.0.0.1",
+            "-a",
+            "2001:db8:5::5",
+            "-M",
+            "02:00:00:00:00:AA",
+            "-m",
+            "1500",
+            "-D",
+            "9.9.9.9",
+            "-S",
+            "a.test b.test",
+            "-H",
+            "guest",
+            "--fqdn",
+            "guest.a.test",
+            "--vhost-user",
+        ])
+        .unwrap();
+        let ip4 = c.net.ip4.as_ref().unwrap();
+        assert_eq!(
+            (ip4.addr, ip4.prefix_len),
+            ("10.0.0.5".parse().unwrap(), 16)
+        );
+        assert_eq!(ip4.dns, vec!["9.9.9.9".parse::<Ipv4Addr>().unwrap()]);
+        assert!(c.net.ip6.as_ref().unwrap().dns.is_empty());
+        assert_eq!(c.net.our_mac, [2, 0, 0, 0, 0, 0xaa]);
+        assert_eq!(c.net.mtu, Some(1500));
+        assert_eq!(
+            c.net.dns_search,
+            vec!["a.test".to_string(), "b.test".to_string()]
+        );
+        assert_eq!(c.mode, Mode::VhostUser);
+    }
+
+    #[test]
+    fn none_and_no_flags_empty_lists() {
+        let c = conf(&["-D", "none", "-S", "none"]).unwrap();
+        assert!(c.net.ip4.unwrap().dns.is_empty());
+        assert!(c.net.dns_search.is_empty());
+        let c = conf(&["--no-dhcp-dns", "--no-dhcp-search", "--no-ra", "-m", "0"]).unwrap();
+        assert!(c.net.ip6.as_ref().unwrap().dns.is_empty());
+        assert!(c.net.dns_search.is_empty());
+        assert!(!c.net.ra && c.net.ndp);
+        assert_eq!(c.net.mtu, None);
+    }
+
+    #[test]
+    fn family_selection() {
+        assert!(conf(&["-4"]).unwrap().net.ip6.is_none());
+        assert!(conf(&["-6"]).unwrap().net.ip4.is_none());
+        assert!(conf(&["-m", "1000"]).unwrap().net.ip6.is_none());
+        let mut h = host();
+        h.v4 = None;
+        let c = Config::from_args(&Args::default(), &h).unwrap();
+        assert!(c.net.ip4.is_none() && c.notes.iter().any(|n| n.contains("IPv4 disabled")));
+        h.v6 = None;
+        assert_eq!(
+            Config::from_args(&Args::default(), &h).unwrap_err().option,
+            "--interface"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        for (cmd, opt) in [
+            (&["-m", "70000"][..], "--mtu"),
+            (&["-m", "20"], "--mtu"),
+            (&["-M", "zz:00:00:00:00:00"], "--mac-addr"),
+            (&["-M", "00:00:00:00:00"], "--mac-addr"),
+            (&["-a", "300.1.1.1"], "--address"),
+            (&["-a", "10.0.0.1/33"], "--address"),
+            (&["-n", "255.0.255.0"], "--netmask"),
+            (&["-g", "gw"], "--gateway"),
+            (&["-D", "x"], "--dns"),
+            (&["-S", "bad..name"], "--search"),
+            (&["--fd=-3"], "--fd"),
+            (&["-o", "nope"], "--outbound"),
+        ] {
+            assert_eq!(conf(cmd).unwrap_err().option, opt, "{cmd:?}");
+        }
+    }
+
+    #[test]
+    fn netmask_forms() {
+        assert_eq!(parse_netmask("255.255.240.0"), Some(20));
+        assert_eq!(parse_netmask("0.0.0.0"), Some(0));
+        assert_eq!(parse_netmask("255.255.255.255"), Some(32));
+        assert_eq!(parse_netmask("17"), Some(17));
+        assert_eq!(parse_netmask("33"), None);
+        assert_eq!(
+            conf(&["-n", "255.255.0.0"])
+                .unwrap()
+                .net
+                .ip4
+                .unwrap()
+                .prefix_len,
+            16
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! Placeholder: being written.
+
+use super::Verdict;
+use crate::conf::NetConfig;
+
+pub fn handle(_cfg: &NetConfig, _frame: &[u8], _out: &mut [u8]) -> Verdict {
+    Verdict::Ignored
+}
+
+pub fn unsolicited_ra(_cfg: &NetConfig, _out: &mut [u8]) -> Option<usize> {
+    None
+}

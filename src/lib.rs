@@ -1,0 +1,7 @@
+//! passt-rs: an unprivileged, user-mode network back-end for virtual machines.
+//!
+//! Module map:
+//! - [`conf`]: command line, host discovery, the validated [`conf::Config`].
+//! - [`l2`]: ARP, DHCP, NDP, DHCPv6: frames in, reply frames out.
+pub mod conf;
+pub mod l2;
