@@ -3,5 +3,7 @@
 //! Module map:
 //! - [`conf`]: command line, host discovery, the validated [`conf::Config`].
 //! - [`l2`]: ARP, DHCP, NDP, DHCPv6: frames in, reply frames out.
+//! - [`tap`]: frames to and from the guest, over vhost-user or the stream socket.
 pub mod conf;
 pub mod l2;
+pub mod tap;
