@@ -2,8 +2,32 @@
 //!
 //! Module map:
 //! - [`conf`]: command line, host discovery, the validated [`conf::Config`].
+//! - [`daemon`]: start-up contract: socket, pid file, going to the background.
+//! - [`event`]: the epoll loop.
+//! - [`engine`]: what happens to each guest frame.
 //! - [`l2`]: ARP, DHCP, NDP, DHCPv6: frames in, reply frames out.
+//! - [`icmp`]: ICMP/ICMPv6 echo through ping sockets.
 //! - [`tap`]: frames to and from the guest, over vhost-user or the stream socket.
+//! - [`wire`]: headers of frames we build.
+//! - [`logger`]: log destinations and rate limiting.
 pub mod conf;
+pub mod daemon;
+pub mod engine;
+pub mod event;
+pub mod icmp;
 pub mod l2;
+pub mod logger;
 pub mod tap;
+pub mod wire;
+
+/// An error and its causes, one line: "what failed: why: deeper why".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -30,3 +30,16 @@ pub trait FrameHandler {
 pub const ETH_MIN_FRAME: usize = 60;
 /// Largest frame we carry: 64 KiB IP packet plus Ethernet header.
 pub const MAX_FRAME: usize = 65535 + 14;
+
+pub mod stream;
+
+/// Frames with nowhere to go (no guest connected): dropped.
+pub struct Discard;
+
+impl ToGuest for Discard {
+    fn send(&mut self, _parts: &[&[u8]]) -> bool {
+        false
+    }
+
+    fn flush(&mut self) {}
+}

@@ -1,0 +1,302 @@
+//! The engine: what happens to a frame from the guest. It classifies each frame, lets the
+//! [`crate::l2`] services answer what they own (ARP, DHCP, NDP, DHCPv6), hands layer-4
+//! traffic to the translation modules, and counts everything it drops.
+//!
+//! The engine owns the guest's identity as seen on the link (its MAC, learned from its
+//! frames) and the layer-4 state; the event loop owns the sockets' epoll registrations and
+//! the guest back-end, and lends them for each call.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
+
+use crate::conf::NetConfig;
+use crate::icmp::{Icmp, IcmpFlowIdx, Register};
+use crate::l2::{self, Verdict, REPLY_BUF_LEN};
+use crate::logger::Limiter;
+use crate::tap::{FrameHandler, ToGuest};
+
+const DHCP_SERVER_PORT: u16 = 67;
+const DHCPV6_SERVER_PORT: u16 = 547;
+const ICMPV6_ROUTER_SOLICIT: u8 = 133;
+const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
+const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
+const UDP_HLEN: usize = 8;
+
+/// Counters of what the engine did with guest frames.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStats {
+    pub frames: u64,
+    pub replies: u64,
+    pub arp: u64,
+    pub dhcp: u64,
+    pub ndp: u64,
+    pub dhcpv6: u64,
+    pub icmp: u64,
+    /// Truncated, inconsistent, or with a bad checksum.
+    pub malformed: u64,
+    /// Well-formed, but of a kind we don't translate (yet): other ethertypes, protocols.
+    pub unsupported: u64,
+    /// Replies the guest back-end had no room for.
+    pub reply_drops: u64,
+}
+
+/// Lets layer-4 modules register their sockets in the event loop's epoll set.
+pub struct EpollRegistrar {
+    pub epoll_fd: RawFd,
+}
+
+impl Register for EpollRegistrar {
+    fn add(&mut self, fd: RawFd, idx: IcmpFlowIdx) -> io::Result<()> {
+        let token = crate::event::Token::IcmpSock(idx).encode();
+        epoll::ctl(
+            self.epoll_fd,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            fd,
+            epoll::Event::new(epoll::Events::EPOLLIN, token),
+        )
+    }
+}
+
+/// Guest frames in, replies and socket traffic out.
+pub struct Engine {
+    net: NetConfig,
+    guest_mac: [u8; 6],
+    icmp: Option<Icmp>,
+    reply: Box<[u8]>,
+    registrar: EpollRegistrar,
+    now: Instant,
+    stats: EngineStats,
+    log_limit: Limiter,
+}
+
+impl Engine {
+    pub fn new(net: NetConfig, icmp: bool, registrar: EpollRegistrar) -> Self {
+        Engine {
+            net,
+            guest_mac: [0xff; 6],
+            icmp: icmp.then(Icmp::new),
+            reply: vec![0u8; REPLY_BUF_LEN].into_boxed_slice(),
+            registrar,
+            now: Instant::now(),
+            stats: EngineStats::default(),
+            log_limit: Limiter::new(),
+        }
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    pub fn icmp_stats(&self) -> Option<crate::icmp::IcmpStats> {
+        self.icmp.as_ref().map(Icmp::stats)
+    }
+
+    /// Sets the time for the frames of the batch about to be handled.
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// A guest attached: tell it about the router right away instead of waiting for its
+    /// solicitation.
+    pub fn guest_attached(&mut self, to_guest: &mut dyn ToGuest) {
+        self.guest_mac = [0xff; 6];
+        if let Some(n) = l2::ndp::unsolicited_ra(&self.net, &mut self.reply) {
+            self.send_reply(n, to_guest);
+        }
+    }
+
+    /// A ping socket is readable.
+    pub fn icmp_sock_ready(&mut self, idx: IcmpFlowIdx, to_guest: &mut dyn ToGuest) {
+        if let Some(icmp) = self.icmp.as_mut() {
+            icmp.from_sock(idx, self.now, self.guest_mac, self.net.our_mac, to_guest);
+        }
+    }
+
+    /// Periodic housekeeping: idle flows.
+    pub fn periodic(&mut self, now: Instant) {
+        self.now = now;
+        if let Some(icmp) = self.icmp.as_mut() {
+            icmp.expire(now);
+        }
+    }
+
+    fn send_reply(&mut self, len: usize, to_guest: &mut dyn ToGuest) {
+        self.stats.replies += 1;
+        if !to_guest.send(&[&self.reply[..len]]) {
+            self.stats.reply_drops += 1;
+        }
+    }
+
+    fn service(&mut self, verdict: Verdict, to_guest: &mut dyn ToGuest) {
+        match verdict {
+            Verdict::Reply(n) => self.send_reply(n, to_guest),
+            Verdict::Ignored => {}
+            Verdict::Malformed => self.malformed("service"),
+        }
+    }
+
+    fn malformed(&mut self, what: &str) {
+        self.stats.malformed += 1;
+        crate::limited!(
+            self.log_limit,
+            self.now,
+            debug,
+            "dropping malformed {what} frame from the guest"
+        );
+    }
+
+    fn ipv4(&mut self, frame: &[u8], ip: &[u8], to_guest: &mut dyn ToGuest) {
+        let Ok(pkt) = Ipv4Packet::new_checked(ip) else {
+            return self.malformed("IPv4");
+        };
+        if !pkt.verify_checksum() {
+            return self.malformed("IPv4");
+        }
+        match pkt.next_header() {
+            IpProtocol::Udp if udp_dst_port(pkt.payload()) == Some(DHCP_SERVER_PORT) => {
+                self.stats.dhcp += 1;
+                let v = l2::dhcp::handle(&self.net, frame, &mut self.reply);
+                self.service(v, to_guest);
+            }
+            IpProtocol::Icmp => {
+                let handled = match self.icmp.as_mut() {
+                    Some(icmp) => icmp.from_guest_v4(ip, self.now, &mut self.registrar),
+                    None => false,
+                };
+                if handled {
+                    self.stats.icmp += 1;
+                } else {
+                    self.stats.unsupported += 1;
+                }
+            }
+            _ => self.stats.unsupported += 1,
+        }
+    }
+
+    fn ipv6(&mut self, frame: &[u8], ip: &[u8], to_guest: &mut dyn ToGuest) {
+        let Ok(pkt) = Ipv6Packet::new_checked(ip) else {
+            return self.malformed("IPv6");
+        };
+        match pkt.next_header() {
+            IpProtocol::Icmpv6 => match pkt.payload().first().copied() {
+                Some(ICMPV6_ROUTER_SOLICIT | ICMPV6_NEIGHBOR_SOLICIT) => {
+                    self.stats.ndp += 1;
+                    let v = l2::ndp::handle(&self.net, frame, &mut self.reply);
+                    self.service(v, to_guest);
+                }
+                // The guest announcing itself: nothing to learn beyond its MAC.
+                Some(ICMPV6_NEIGHBOR_ADVERT) => self.stats.ndp += 1,
+                Some(_) => {
+                    let handled = match self.icmp.as_mut() {
+                        Some(icmp) => icmp.from_guest_v6(ip, self.now, &mut self.registrar),
+                        None => false,
+                    };
+                    if handled {
+                        self.stats.icmp += 1;
+                    } else {
+                        self.stats.unsupported += 1;
+                    }
+                }
+                None => self.malformed("ICMPv6"),
+            },
+            IpProtocol::Udp if udp_dst_port(pkt.payload()) == Some(DHCPV6_SERVER_PORT) => {
+                self.stats.dhcpv6 += 1;
+                let v = l2::dhcpv6::handle(&self.net, frame, &mut self.reply);
+                self.service(v, to_guest);
+            }
+            _ => self.stats.unsupported += 1,
+        }
+    }
+}
+
+fn udp_dst_port(l4: &[u8]) -> Option<u16> {
+    (l4.len() >= UDP_HLEN).then(|| u16::from_be_bytes([l4[2], l4[3]]))
+}
+
+impl FrameHandler for Engine {
+    fn handle_frame(&mut self, frame: &[u8], to_guest: &mut dyn ToGuest) {
+        self.stats.frames += 1;
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return self.malformed("Ethernet");
+        };
+        let src = eth.src_addr();
+        if src.is_unicast() {
+            self.guest_mac = src.0;
+        }
+        let payload = eth.payload();
+        match eth.ethertype() {
+            EthernetProtocol::Arp => {
+                self.stats.arp += 1;
+                let v = l2::arp::handle(&self.net, frame, &mut self.reply);
+                self.service(v, to_guest);
+            }
+            EthernetProtocol::Ipv4 if self.net.ip4.is_some() => self.ipv4(frame, payload, to_guest),
+            EthernetProtocol::Ipv6 if self.net.ip6.is_some() => self.ipv6(frame, payload, to_guest),
+            _ => self.stats.unsupported += 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Sink(Vec<Vec<u8>>);
+    impl ToGuest for Sink {
+        fn send(&mut self, parts: &[&[u8]]) -> bool {
+            self.0.push(parts.concat());
+            true
+        }
+        fn flush(&mut self) {}
+    }
+
+    fn engine() -> Engine {
+        let net = NetConfig {
+            ip4: Some(crate::conf::Ip4 {
+                addr: "192.0.2.2".parse().unwrap(),
+                prefix_len: 24,
+                gateway: "192.0.2.1".parse().unwrap(),
+                dns: vec![],
+            }),
+            ip6: Some(crate::conf::Ip6 {
+                addr: "2001:db8::2".parse().unwrap(),
+                prefix_len: 64,
+                gateway: "fe80::1".parse().unwrap(),
+                our_ll: "fe80::1".parse().unwrap(),
+                dns: vec![],
+            }),
+            ..NetConfig::default()
+        };
+        Engine::new(net, false, EpollRegistrar { epoll_fd: -1 })
+    }
+
+    #[test]
+    fn garbage_is_counted_never_fatal() {
+        let mut e = engine();
+        let mut sink = Sink(Vec::new());
+        let mut x: u32 = 0x1234_5678;
+        let mut frame = [0u8; 200];
+        for round in 0..5000 {
+            for b in frame.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+            // Steer some rounds into the IPv4 and IPv6 paths.
+            match round % 3 {
+                0 => frame[12..14].copy_from_slice(&[0x08, 0x00]),
+                1 => frame[12..14].copy_from_slice(&[0x86, 0xdd]),
+                _ => {}
+            }
+            let len = (x as usize) % frame.len();
+            e.handle_frame(&frame[..len], &mut sink);
+        }
+        let s = e.stats();
+        assert_eq!(s.frames, 5000);
+        assert!(s.malformed > 0);
+    }
+}
