@@ -38,12 +38,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let cfg0 = Config::from_args(args, &Default::default());
-    let level = match &cfg0 {
-        Ok(c) => c.log_level,
-        Err(_) => log::LevelFilter::Info,
-    };
-    logger::init(level, args.log_file.as_deref()).map_err(|e| format!("--log-file: {e}"))?;
+    logger::init(args.log_level(), args.log_file.as_deref()).map_err(|e| format!("--log-file: {e}"))?;
 
     let host =
         passt::conf::netlink::host_info(args.interface.as_deref()).map_err(|e| error_chain(&e))?;

@@ -183,3 +183,19 @@ pub struct Args {
     #[arg(long = "version")]
     pub version: bool,
 }
+
+impl Args {
+    /// The log level the options ask for; known before anything else is validated, so
+    /// that validation itself can log.
+    pub fn log_level(&self) -> log::LevelFilter {
+        if self.trace {
+            log::LevelFilter::Trace
+        } else if self.debug {
+            log::LevelFilter::Debug
+        } else if self.quiet {
+            log::LevelFilter::Warn
+        } else {
+            log::LevelFilter::Info
+        }
+    }
+}

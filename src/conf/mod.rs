@@ -166,15 +166,7 @@ impl Config {
     /// Validates `args` against what was discovered about `host`.
     pub fn from_args(args: &Args, host: &HostInfo) -> Result<Config, ConfError> {
         let mut notes = Vec::new();
-        let log_level = if args.trace {
-            LevelFilter::Trace
-        } else if args.debug {
-            LevelFilter::Debug
-        } else if args.quiet {
-            LevelFilter::Warn
-        } else {
-            LevelFilter::Info
-        };
+        let log_level = args.log_level();
         if let Some(fd) = args.fd {
             if fd < 0 {
                 return Err(bad("--fd", format!("invalid file descriptor {fd}")));

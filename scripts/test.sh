@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every passt-rs test: formatting and lints, unit tests, integration tests in network
+# namespaces, and end-to-end tests booting a real guest kernel under QEMU (TCG).
+# Installs what it needs with apt first. All test traffic stays in namespaces the tests create.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/deps.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+tests/guest/build.sh >/dev/null
+cargo test --all-targets 2>&1
