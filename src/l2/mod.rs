@@ -3,7 +3,7 @@
 //! guest frame and the [`NetConfig`] to at most one reply frame, written into a buffer the
 //! caller owns: no I/O, no clock, no allocation, so each is unit-tested frame in, frame out.
 //!
-//! [`classify`] decides which service (if any) a guest frame is for; everything else is
+//! [`crate::engine`] decides which service (if any) a guest frame is for; everything else is
 //! layer-4 traffic for the translation modules.
 
 pub mod arp;
