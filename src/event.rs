@@ -212,6 +212,15 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
                 Some(Token::Listener) => {
                     let Some(l) = listener.as_ref() else { continue };
                     while let Ok((sock, _)) = l.accept() {
+                        if conn.as_ref().is_some_and(StreamTap::hung_up) {
+                            if let Some(old) = conn.take() {
+                                if let Some(exit) =
+                                    client_gone(&epoll, &engine, &old, exit_when_gone)
+                                {
+                                    return Ok(exit);
+                                }
+                            }
+                        }
                         if conn.is_some() {
                             log::warn!("a client is already connected: rejecting another one");
                             drop(sock);
@@ -250,13 +259,10 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
                         state = tap.handle_readable(&mut engine);
                     }
                     if state == StreamEvent::Closed {
-                        epoll.remove(tap.socket().as_raw_fd());
-                        log_stats(&engine, Some(&*tap));
-                        conn = None;
-                        if exit_when_gone {
-                            return Ok(Exit::ClientGone);
+                        if let Some(exit) = client_gone(&epoll, &engine, tap, exit_when_gone) {
+                            return Ok(exit);
                         }
-                        log::info!("waiting for the next client");
+                        conn = None;
                     }
                 }
                 Some(Token::IcmpSock(idx)) => {
@@ -300,10 +306,24 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
     }
 }
 
-fn log_stats(engine: &Engine, tap: Option<&StreamTap>) {
-    if let Some(tap) = tap {
-        log::debug!("stream counters: {:?}", tap.stats());
+/// The client left: forget its socket, log what it did; `Some` if that ends the process.
+fn client_gone(
+    epoll: &Epoll,
+    engine: &Engine,
+    tap: &StreamTap,
+    exit_when_gone: bool,
+) -> Option<Exit> {
+    epoll.remove(tap.socket().as_raw_fd());
+    log::debug!("stream counters: {:?}", tap.stats());
+    log_stats(engine);
+    if exit_when_gone {
+        return Some(Exit::ClientGone);
     }
+    log::info!("waiting for the next client");
+    None
+}
+
+fn log_stats(engine: &Engine) {
     log::debug!("engine counters: {:?}", engine.stats());
     if let Some(icmp) = engine.icmp_stats() {
         log::debug!("icmp counters: {icmp:?}");

@@ -38,7 +38,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    logger::init(args.log_level(), args.log_file.as_deref()).map_err(|e| format!("--log-file: {e}"))?;
+    logger::init(args.log_level(), args.log_file.as_deref())
+        .map_err(|e| format!("--log-file: {e}"))?;
 
     let host =
         passt::conf::netlink::host_info(args.interface.as_deref()).map_err(|e| error_chain(&e))?;

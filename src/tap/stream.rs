@@ -14,6 +14,7 @@
 //! queue would drop it: protocols above recover, and we never block the loop.
 
 use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 use super::{FrameHandler, ToGuest, ETH_MIN_FRAME};
@@ -163,6 +164,19 @@ impl StreamTap {
     /// Whether output waits for the socket: watch `EPOLLOUT` while this holds.
     pub fn wants_write(&self) -> bool {
         self.writer.pending() > 0
+    }
+
+    /// Whether the client has hung up, even if that event wasn't processed yet: a new
+    /// client may arrive in the same batch as the old one's hang-up.
+    pub fn hung_up(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.writer.sock.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout; nix's PollFlags lacks POLLRDHUP.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n == 1 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
     /// The guest-bound side, for frames the engine originates.
