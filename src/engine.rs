@@ -6,14 +6,13 @@
 //! frames) and the layer-4 state; the event loop owns the sockets' epoll registrations and
 //! the guest back-end, and lends them for each call.
 
-use std::io;
-use std::os::fd::RawFd;
 use std::time::Instant;
 
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use crate::conf::NetConfig;
-use crate::icmp::{Icmp, IcmpFlowIdx, Register};
+use crate::event::EpollRegistrar;
+use crate::icmp::{Icmp, IcmpFlowIdx};
 use crate::l2::{self, Verdict, REPLY_BUF_LEN};
 use crate::logger::Limiter;
 use crate::tap::{FrameHandler, ToGuest};
@@ -41,23 +40,6 @@ pub struct EngineStats {
     pub unsupported: u64,
     /// Replies the guest back-end had no room for.
     pub reply_drops: u64,
-}
-
-/// Lets layer-4 modules register their sockets in the event loop's epoll set.
-pub struct EpollRegistrar {
-    pub epoll_fd: RawFd,
-}
-
-impl Register for EpollRegistrar {
-    fn add(&mut self, fd: RawFd, idx: IcmpFlowIdx) -> io::Result<()> {
-        let token = crate::event::Token::IcmpSock(idx).encode();
-        epoll::ctl(
-            self.epoll_fd,
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            fd,
-            epoll::Event::new(epoll::Events::EPOLLIN, token),
-        )
-    }
 }
 
 /// Guest frames in, replies and socket traffic out.

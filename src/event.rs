@@ -13,7 +13,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::conf::Config;
-use crate::engine::{Engine, EpollRegistrar};
+use crate::engine::Engine;
 use crate::icmp::IcmpFlowIdx;
 use crate::tap::stream::{StreamEvent, StreamTap};
 
@@ -52,6 +52,32 @@ impl Token {
             4 => Token::IcmpSock(IcmpFlowIdx(idx)),
             _ => return None,
         })
+    }
+}
+
+/// How layer-4 modules put their sockets in the loop's epoll set, without owning it (and
+/// how tests run them without one).
+pub trait Register {
+    /// Starts watching `fd` for `events`, reported with `token`.
+    fn add(&mut self, fd: RawFd, events: epoll::Events, token: Token) -> io::Result<()>;
+    /// Changes what `fd` is watched for.
+    fn modify(&mut self, fd: RawFd, events: epoll::Events, token: Token) -> io::Result<()>;
+}
+
+/// The loop's epoll set, lent to the engine by fd. Closing a socket removes it from the set.
+pub struct EpollRegistrar {
+    pub epoll_fd: RawFd,
+}
+
+impl Register for EpollRegistrar {
+    fn add(&mut self, fd: RawFd, events: epoll::Events, token: Token) -> io::Result<()> {
+        let ev = epoll::Event::new(events, token.encode());
+        epoll::ctl(self.epoll_fd, epoll::ControlOptions::EPOLL_CTL_ADD, fd, ev)
+    }
+
+    fn modify(&mut self, fd: RawFd, events: epoll::Events, token: Token) -> io::Result<()> {
+        let ev = epoll::Event::new(events, token.encode());
+        epoll::ctl(self.epoll_fd, epoll::ControlOptions::EPOLL_CTL_MOD, fd, ev)
     }
 }
 

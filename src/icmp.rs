@@ -16,9 +16,9 @@
 //! echo is turned off with one warning; nothing else is affected.
 
 use std::collections::HashMap;
-use std::io;
+
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
@@ -26,6 +26,7 @@ use nix::sys::socket::{
 };
 use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
+use crate::event::{Register, Token};
 use crate::logger::Limiter;
 use crate::tap::ToGuest;
 use crate::wire;
@@ -66,12 +67,6 @@ pub struct IcmpStats {
     pub dropped: u64,
     pub flows_opened: u64,
     pub flows_expired: u64,
-}
-
-/// Where new sockets go: the epoll registration is the caller's, through this hook.
-pub trait Register {
-    /// Starts watching `fd` for input on behalf of flow `idx`.
-    fn add(&mut self, fd: RawFd, idx: IcmpFlowIdx) -> io::Result<()>;
 }
 
 /// The ICMP echo flow table.
@@ -259,7 +254,11 @@ impl Icmp {
             let _ = socket::bind(sock.as_raw_fd(), &any);
         }
         let idx = IcmpFlowIdx(slot as u32);
-        if let Err(e) = reg.add(sock.as_raw_fd(), idx) {
+        if let Err(e) = reg.add(
+            sock.as_raw_fd(),
+            epoll::Events::EPOLLIN,
+            Token::IcmpSock(idx),
+        ) {
             crate::limited!(
                 self.log_limit,
                 now,
@@ -380,10 +379,15 @@ impl Icmp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
+    use std::os::fd::RawFd;
 
     struct NoReg;
     impl Register for NoReg {
-        fn add(&mut self, _fd: RawFd, _idx: IcmpFlowIdx) -> io::Result<()> {
+        fn add(&mut self, _fd: RawFd, _events: epoll::Events, _token: Token) -> io::Result<()> {
+            Ok(())
+        }
+        fn modify(&mut self, _fd: RawFd, _events: epoll::Events, _token: Token) -> io::Result<()> {
             Ok(())
         }
     }
