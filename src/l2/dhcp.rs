@@ -575,6 +575,7 @@ fn encode_name(name: &str, buf: &mut [u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::l2::test_util::csum;
     use std::collections::BTreeMap;
 
     const CLIENT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -601,21 +602,6 @@ mod tests {
             fqdn: Some("guest.example.test".into()),
             ..NetConfig::default()
         }
-    }
-
-    /// RFC 1071, written independently of smoltcp's.
-    fn csum(chunks: &[&[u8]]) -> u16 {
-        let mut sum = 0u32;
-        for chunk in chunks {
-            for pair in chunk.chunks(2) {
-                let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-                sum += u32::from(word);
-            }
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
     }
 
     /// Recomputes the IPv4 and UDP checksums of a frame built by [`request`], as far as

@@ -808,6 +808,7 @@ fn emit_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::l2::test_util::csum6;
 
     const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
     const OUR_MAC: [u8; 6] = [0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55];
@@ -844,27 +845,8 @@ mod tests {
         }
     }
 
-    /// RFC 1071, written again here so the tests don't trust the code under test.
-    fn csum(chunks: &[&[u8]]) -> u16 {
-        let mut sum: u32 = 0;
-        for c in chunks {
-            let mut it = c.chunks_exact(2);
-            for w in &mut it {
-                sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-            }
-            if let [b] = it.remainder() {
-                sum += u32::from(*b) << 8;
-            }
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-
-    fn udp_csum(src: Ipv6Addr, dst: Ipv6Addr, udp: &[u8]) -> u16 {
-        let len = (udp.len() as u32).to_be_bytes();
-        csum(&[&src.octets(), &dst.octets(), &len, &[0, 0, 0, 17], udp])
+    fn csum6_udp(src: Ipv6Addr, dst: Ipv6Addr, udp: &[u8]) -> u16 {
+        csum6(src, dst, 17, udp)
     }
 
     fn opt(code: u16, data: &[u8]) -> Vec<u8> {
@@ -910,7 +892,7 @@ mod tests {
         udp.extend(udp_len.to_be_bytes());
         udp.extend([0, 0]);
         udp.extend(payload);
-        let c = udp_csum(src, dst, &udp);
+        let c = csum6_udp(src, dst, &udp);
         udp[6..8].copy_from_slice(&c.to_be_bytes());
         let mut f = vec![0x33, 0x33, 0, 1, 0, 2];
         f.extend(GUEST_MAC);
@@ -990,7 +972,7 @@ mod tests {
         assert_eq!(&udp[2..4], &546u16.to_be_bytes());
         assert_eq!(usize::from(u16::from_be_bytes([udp[4], udp[5]])), udp.len());
         assert_ne!(&udp[6..8], &[0, 0]);
-        assert_eq!(udp_csum(src.into(), dst.into(), udp), 0, "UDP checksum");
+        assert_eq!(csum6_udp(src.into(), dst.into(), udp), 0, "UDP checksum");
         udp[8..].to_vec()
     }
 
@@ -1387,7 +1369,7 @@ mod tests {
         let src: [u8; 16] = f[22..38].try_into().unwrap();
         let dst: [u8; 16] = f[38..54].try_into().unwrap();
         f[60..62].copy_from_slice(&[0, 0]);
-        let c = udp_csum(src.into(), dst.into(), &f[54..]);
+        let c = csum6_udp(src.into(), dst.into(), &f[54..]);
         f[60..62].copy_from_slice(&c.to_be_bytes());
     }
 
@@ -1592,7 +1574,7 @@ mod tests {
                     let udp_len = n - 54;
                     let src: [u8; 16] = reply[22..38].try_into().unwrap();
                     let dst: [u8; 16] = reply[38..54].try_into().unwrap();
-                    assert_eq!(udp_csum(src.into(), dst.into(), &reply[54..]), 0);
+                    assert_eq!(csum6_udp(src.into(), dst.into(), &reply[54..]), 0);
                     assert_eq!(
                         usize::from(u16::from_be_bytes([reply[58], reply[59]])),
                         udp_len

@@ -10,6 +10,8 @@ pub mod arp;
 pub mod dhcp;
 pub mod dhcpv6;
 pub mod ndp;
+#[cfg(test)]
+mod test_util;
 
 pub use crate::conf::NetConfig;
 

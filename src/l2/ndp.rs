@@ -295,6 +295,7 @@ fn emit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::l2::test_util::csum6;
     use smoltcp::wire::{NdiscOption, RawHardwareAddress};
 
     const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -328,27 +329,8 @@ mod tests {
         }
     }
 
-    /// RFC 1071, written again here so the tests don't trust the code under test.
-    fn csum(chunks: &[&[u8]]) -> u16 {
-        let mut sum: u32 = 0;
-        for c in chunks {
-            let mut it = c.chunks_exact(2);
-            for w in &mut it {
-                sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-            }
-            if let [b] = it.remainder() {
-                sum += u32::from(*b) << 8;
-            }
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-
     fn icmp_csum(src: Ipv6Addr, dst: Ipv6Addr, icmp: &[u8]) -> u16 {
-        let len = (icmp.len() as u32).to_be_bytes();
-        csum(&[&src.octets(), &dst.octets(), &len, &[0, 0, 0, 58], icmp])
+        csum6(src, dst, 58, icmp)
     }
 
     /// Re-does the ICMPv6 checksum of a frame built by [`frame`].
