@@ -8,8 +8,9 @@
 //!
 //! QEMU gets a shared memfd memory backend (a vhost-user back-end maps guest memory from it)
 //! and one `virtio-net-pci` device on netdev [`NETDEV_ID`], which the caller's `-netdev`
-//! arguments define. `-nic none` keeps QEMU from adding a default (user-mode, real network)
-//! NIC whatever the caller passes.
+//! arguments define (no MSI-X, no option ROM: iPXE would only slow the boot). `-nic none`
+//! keeps QEMU from adding a default (user-mode, real network) NIC whatever the caller passes.
+//! The console is QEMU's stdio multiplexed with its monitor: never send Ctrl-A (0x01).
 //!
 //! Only one guest runs at a time per test binary (see [`super::serial`]): TCG on a shared
 //! 2-core machine is slow enough already.
@@ -21,7 +22,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::output::{Collector, WaitError};
+use super::output::Collector;
 use super::process::{die_with_parent, Pidfd};
 use super::Serial;
 

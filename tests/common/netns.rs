@@ -94,25 +94,37 @@ fn ns_fd(pid: u32, ns: &str) -> OwnedFd {
 }
 
 /// Starts `cmd` (already set to enter its namespaces) as a holder: it prints `ready` and then
-/// sleeps until killed.
-fn start_holder(mut cmd: Command, what: &str) -> Child {
+/// sleeps until killed. Panics if it doesn't get there, after killing `others`.
+fn start_holder(mut cmd: Command, what: &str, others: &mut [&mut Child]) -> Child {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     die_with_parent(&mut cmd);
-    let mut child = cmd.spawn().unwrap_or_else(|e| {
-        panic!("spawn {what} namespace holder: {e} (is util-linux unshare installed?)")
-    });
+    let fail = |others: &mut [&mut Child], why: String| -> ! {
+        for other in others.iter_mut() {
+            kill_child(other);
+        }
+        panic!("{what} namespace holder: {why}")
+    };
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => fail(
+            others,
+            format!("spawn: {e} (is util-linux unshare installed?)"),
+        ),
+    };
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
     // Blocks until the holder is inside its namespaces (or died: EOF).
     let _ = BufReader::new(stdout).read_line(&mut line);
     if line.trim() != "ready" {
         let status = child.wait();
-        panic!(
-            "{what} namespace holder failed before ready ({status:?}); unprivileged user \
-             namespaces must be allowed (sysctl kernel.unprivileged_userns_clone, \
-             user.max_user_namespaces)"
+        fail(
+            others,
+            format!(
+                "failed before ready ({status:?}); unprivileged user namespaces must be \
+                 allowed (sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces)"
+            ),
         );
     }
     child
@@ -140,7 +152,7 @@ impl Topology {
 
         let mut cmd = Command::new("unshare");
         cmd.args(["-Urnm", "sh", "-c", HOLDER]);
-        let host = start_holder(cmd, "host");
+        let mut host = start_holder(cmd, "host", &mut []);
         let host_pid = host.id();
         let user_ns = ns_fd(host_pid, "user");
         let host_net = ns_fd(host_pid, "net");
@@ -156,7 +168,7 @@ impl Topology {
             host_net.as_raw_fd(),
             mnt_ns.as_raw_fd(),
         );
-        let peer = start_holder(cmd, "peer");
+        let peer = start_holder(cmd, "peer", &mut [&mut host]);
         let peer_net = ns_fd(peer.id(), "net");
 
         let topo = Topology {

@@ -214,13 +214,8 @@ fn wait_child(mut child: Child, deadline: Instant) -> Option<std::process::ExitS
 impl Passt {
     /// Sends `sig` to the passt process.
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) with a PID we started; no memory is involved.
-        assert_eq!(
-            unsafe { libc::kill(self.pid() as i32, sig) },
-            0,
-            "kill({}, {sig})",
-            self.pid()
-        );
+        // SAFETY: kill(2) on the PID of a process we started; no memory is involved.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, sig) }, 0, "kill({}, {sig})", self.pid());
     }
 
     /// Waits up to `timeout` for the process to exit on its own; true if it did.
