@@ -30,6 +30,11 @@ die() {
 say() { printf '\n=== %s\n' "$*"; }
 
 if [ "${1:-}" != --inside ]; then
+	if [ -z "${PASST:-}" ]; then
+		say "Installing what the demo needs (apt) and building passt-rs"
+		"$repo/scripts/deps.sh"
+		(cd "$repo" && cargo build --release --quiet)
+	fi
 	PASST=${PASST:-$repo/target/release/passt}
 	[ -x "$PASST" ] || die "no passt binary at $PASST (cargo build --release, or set PASST=)"
 	QEMU=${QEMU:-qemu-system-x86_64}

@@ -81,3 +81,43 @@ fn guest_configures_itself_and_pings_over_a_socket_path() {
     );
     assert!(!sock.exists(), "socket left behind");
 }
+
+#[test]
+fn guest_configures_itself_and_pings_over_an_inherited_socket() {
+    use std::os::fd::AsRawFd;
+    let _serial = common::serial();
+    let topo = Topology::new();
+    // QEMU and passt each get one end of a connected pair, as libvirt can arrange.
+    let (ours_end, qemu_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = ours_end.as_raw_fd().to_string();
+    let passt = Passt::start_inheriting(
+        &topo,
+        "passt",
+        &ours(),
+        &["--fd", &fd],
+        Ready::Daemon,
+        &[ours_end.as_raw_fd()],
+    );
+    drop(ours_end);
+    let qfd = qemu_end.as_raw_fd();
+    let netdev = format!(
+        "stream,id={},addr.type=fd,addr.str={qfd}",
+        common::guest::NETDEV_ID
+    );
+    let mut guest = Guest::builder()
+        .netdev(&["-netdev", &netdev])
+        .inherit_fd(qfd)
+        .boot();
+    drop(qemu_end);
+    check_guest_network(&mut guest);
+    assert!(
+        guest.poweroff(Duration::from_secs(30)),
+        "guest did not power off"
+    );
+    // With --fd there is no next client: QEMU leaving ends passt.
+    assert!(
+        passt.wait_exit(Duration::from_secs(30)),
+        "passt still running after QEMU left:\n{}",
+        passt.log()
+    );
+}

@@ -95,9 +95,16 @@ pub struct GuestBuilder {
     append: Vec<String>,
     mac: String,
     boot_timeout: Duration,
+    inherit: Vec<std::os::fd::RawFd>,
 }
 
 impl GuestBuilder {
+    /// Lets QEMU inherit `fd` (a socket named in a `-netdev ...,addr.type=fd` argument).
+    pub fn inherit_fd(mut self, fd: std::os::fd::RawFd) -> Self {
+        self.inherit.push(fd);
+        self
+    }
+
     /// Arguments defining the netdev (`-netdev ...,id=n`, and e.g. the `-chardev` a
     /// vhost-user netdev refers to).
     pub fn netdev(mut self, args: &[&str]) -> Self {
@@ -192,6 +199,9 @@ impl GuestBuilder {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         die_with_parent(&mut cmd);
+        for &fd in &self.inherit {
+            super::process::inherit_fd(&mut cmd, fd);
+        }
         let command = format!("{cmd:?}");
         let started = Instant::now();
         let mut child = cmd
@@ -280,6 +290,7 @@ impl Guest {
             append: Vec::new(),
             mac: GUEST_MAC.to_string(),
             boot_timeout: BOOT_TIMEOUT,
+            inherit: Vec::new(),
         }
     }
 

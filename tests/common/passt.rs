@@ -68,10 +68,25 @@ impl Passt {
         args: &[&str],
         ready: Ready,
     ) -> Passt {
+        Passt::start_inheriting(topo, name, binary, args, ready, &[])
+    }
+
+    /// [`Passt::start_named`], with `fds` inherited by passt under their numbers (`--fd`).
+    pub fn start_inheriting(
+        topo: &Topology,
+        name: &str,
+        binary: &Path,
+        args: &[&str],
+        ready: Ready,
+        fds: &[std::os::fd::RawFd],
+    ) -> Passt {
         let log = topo.dir().join(format!("{name}.log"));
         let pid_file = topo.dir().join(format!("{name}.pid"));
         let mut cmd = Command::new(binary);
         cmd.args(args);
+        for &fd in fds {
+            super::process::inherit_fd(&mut cmd, fd);
+        }
         if matches!(ready, Ready::Daemon) {
             let _ = fs::remove_file(&pid_file);
             cmd.arg("--pid").arg(&pid_file);
@@ -215,7 +230,12 @@ impl Passt {
     /// Sends `sig` to the passt process.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on the PID of a process we started; no memory is involved.
-        assert_eq!(unsafe { libc::kill(self.pid() as i32, sig) }, 0, "kill({}, {sig})", self.pid());
+        assert_eq!(
+            unsafe { libc::kill(self.pid() as i32, sig) },
+            0,
+            "kill({}, {sig})",
+            self.pid()
+        );
     }
 
     /// Waits up to `timeout` for the process to exit on its own; true if it did.

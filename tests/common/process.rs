@@ -117,3 +117,17 @@ pub fn kill_child(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Lets `cmd`'s process inherit `fd` under the same number (std opens everything
+/// close-on-exec): for `--fd`-style hand-over of a socket.
+pub fn inherit_fd(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    // SAFETY: fcntl on an fd number is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
