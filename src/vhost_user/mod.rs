@@ -844,3 +844,564 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::msg::{Header, HDR_SIZE};
+    use super::*;
+    use crate::virtio::testutil::{self, Driver, MEM_SIZE};
+    use std::io::ErrorKind;
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    use FrontendReq as R;
+
+    const NEED: bool = true;
+    const NO: bool = false;
+    /// Where the "VMM" pretends guest memory is mapped (user addresses).
+    const USER_BASE: u64 = 0x7f00_0000_0000;
+
+    /// Records frames and echoes each one back.
+    #[derive(Default)]
+    struct Echo(Vec<Vec<u8>>);
+    impl FrameHandler for Echo {
+        fn handle_frame(&mut self, frame: &[u8], to_guest: &mut dyn ToGuest) {
+            self.0.push(frame.to_vec());
+            to_guest.send(&[frame]);
+        }
+    }
+
+    /// The front-end side of a socketpair, driving a device in the same thread.
+    struct Vmm {
+        sock: UnixStream,
+        dev: Device,
+        eng: Echo,
+    }
+
+    impl Vmm {
+        fn new() -> Self {
+            let (a, b) = UnixStream::pair().expect("socketpair");
+            a.set_nonblocking(true).expect("nonblocking");
+            let mut dev = Device::new(DeviceOptions::default());
+            dev.attach(b);
+            Vmm {
+                sock: a,
+                dev,
+                eng: Echo::default(),
+            }
+        }
+
+        /// Sends one request and lets the device handle it.
+        fn req(&mut self, req: R, need_reply: bool, body: &[u8], fds: &[RawFd]) -> Outcome {
+            let code: u32 = req.into();
+            self.raw(
+                Header::request(code, body.len() as u32, need_reply),
+                body,
+                fds,
+            )
+        }
+
+        fn raw(&mut self, h: Header, body: &[u8], fds: &[RawFd]) -> Outcome {
+            let mut m = h.to_bytes().to_vec();
+            m.extend_from_slice(body);
+            self.sock.send_with_fds(&[&m[..]], fds).expect("send");
+            self.dev.handle(Source::Control, &mut self.eng)
+        }
+
+        /// The reply waiting on the socket, if any.
+        fn reply(&mut self) -> Option<(Header, Vec<u8>)> {
+            let mut h = [0u8; HDR_SIZE];
+            match self.sock.read(&mut h) {
+                Ok(HDR_SIZE) => {}
+                Ok(n) => panic!("short reply header: {n}"),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+                Err(e) => panic!("read: {e}"),
+            }
+            let h = Header::from_bytes(&h);
+            let mut body = vec![0u8; h.size as usize];
+            self.sock.read_exact(&mut body).expect("reply body");
+            assert!(h.is_reply());
+            Some((h, body))
+        }
+
+        fn reply_u64(&mut self) -> u64 {
+            let (_, b) = self.reply().expect("a reply");
+            assert_eq!(b.len(), 8);
+            u64::from_ne_bytes(b.try_into().expect("8 bytes"))
+        }
+
+        /// Request answered with a u64 (GET_* or REPLY_ACK).
+        fn ask(&mut self, req: R, need_reply: bool, body: &[u8], fds: &[RawFd]) -> u64 {
+            assert_eq!(self.req(req, need_reply, body, fds), Outcome::Continue);
+            self.reply_u64()
+        }
+
+        fn negotiate(&mut self, reply_ack: bool) {
+            assert_eq!(
+                self.ask(R::GET_FEATURES, NO, &[], &[]),
+                self.dev.offered_features()
+            );
+            let mut p =
+                VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            if reply_ack {
+                p |= VhostUserProtocolFeatures::REPLY_ACK;
+            }
+            let _ = self.req(R::SET_PROTOCOL_FEATURES, NO, &u64b(p.bits()), &[]);
+            assert!(self.reply().is_none());
+        }
+    }
+
+    fn u64b(v: u64) -> [u8; 8] {
+        v.to_ne_bytes()
+    }
+
+    fn state(i: u32, n: u32) -> Vec<u8> {
+        VhostUserVringState::new(i, n).as_slice().to_vec()
+    }
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: valid C string; the fd is owned by the File below.
+        let fd = unsafe { libc::memfd_create(c"passt-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        use std::os::fd::FromRawFd;
+        // SAFETY: fresh descriptor.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).expect("set_len");
+        f
+    }
+
+    fn single_region(gpa: u64, size: u64, user: u64) -> Vec<u8> {
+        VhostUserSingleMemoryRegion::new(gpa, size, user, 0)
+            .as_slice()
+            .to_vec()
+    }
+
+    /// Guest memory shared with the device through a memfd, announced with ADD_MEM_REG.
+    fn shared_memory(v: &mut Vmm) -> GuestMemoryMmap {
+        let f = memfd(MEM_SIZE as u64);
+        let body = single_region(0, MEM_SIZE as u64, USER_BASE);
+        assert_eq!(v.ask(R::ADD_MEM_REG, NEED, &body, &[f.as_raw_fd()]), 0);
+        GuestMemoryMmap::from_ranges_with_files(&[(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(f, 0)),
+        )])
+        .expect("guest view")
+    }
+
+    /// Sets up ring `i` from the driver's layout, QEMU style, and returns its kick and call.
+    fn setup_ring(v: &mut Vmm, d: &Driver, i: u32) -> (File, File) {
+        let c = d.config();
+        assert_eq!(
+            v.ask(R::SET_VRING_NUM, NEED, &state(i, c.size.into()), &[]),
+            0
+        );
+        assert_eq!(v.ask(R::SET_VRING_BASE, NEED, &state(i, 0), &[]), 0);
+        let addr = VhostUserVringAddr::new(
+            i,
+            vhost::vhost_user::message::VhostUserVringAddrFlags::empty(),
+            USER_BASE + c.desc,
+            USER_BASE + c.used,
+            USER_BASE + c.avail,
+            0,
+        );
+        assert_eq!(v.ask(R::SET_VRING_ADDR, NEED, addr.as_slice(), &[]), 0);
+        let (kick, kick_dev) = testutil::eventfd();
+        let (call_dev, call) = testutil::eventfd();
+        assert_eq!(
+            v.req(
+                R::SET_VRING_KICK,
+                NEED,
+                &u64b(i.into()),
+                &[kick_dev.as_raw_fd()]
+            ),
+            Outcome::FdsChanged
+        );
+        assert_eq!(v.reply_u64(), 0);
+        assert_eq!(
+            v.ask(
+                R::SET_VRING_CALL,
+                NEED,
+                &u64b(i.into()),
+                &[call_dev.as_raw_fd()]
+            ),
+            0
+        );
+        (kick, call)
+    }
+
+    #[test]
+    fn answers_queries() {
+        let mut v = Vmm::new();
+        let f = v.ask(R::GET_FEATURES, NO, &[], &[]);
+        assert_eq!(f, v.dev.offered_features());
+        for bit in [32, 15, 29, 28, 30] {
+            assert!(f & (1 << bit) != 0, "feature bit {bit}");
+        }
+        assert_eq!(f & (1 << VIRTIO_NET_F_MTU), 0, "MTU only when configured");
+        assert_eq!(f & (1 << 1), 0, "no GUEST_CSUM");
+        assert_eq!(v.ask(R::GET_PROTOCOL_FEATURES, NO, &[], &[]), 0x8009);
+        v.negotiate(true);
+        assert_eq!(v.ask(R::GET_QUEUE_NUM, NO, &[], &[]), 1, "queue pairs");
+        assert_eq!(v.ask(R::GET_MAX_MEM_SLOTS, NO, &[], &[]), MAX_MEM_SLOTS);
+        // GET_* requests have their own reply: NEED_REPLY adds nothing.
+        assert_eq!(v.ask(R::GET_QUEUE_NUM, NEED, &[], &[]), 1);
+        assert!(v.reply().is_none());
+        assert_eq!(v.ask(R::SET_STATUS, NEED, &u64b(0xf), &[]), 0);
+        assert_eq!(v.ask(R::GET_STATUS, NO, &[], &[]), 0xf);
+
+        let mut with_mtu = Device::new(DeviceOptions {
+            mtu: Some(9000),
+            ..Default::default()
+        });
+        assert!(with_mtu.offered_features() & (1 << VIRTIO_NET_F_MTU) != 0);
+        with_mtu.detach();
+    }
+
+    #[test]
+    fn need_reply_is_honoured_only_with_reply_ack() {
+        let mut v = Vmm::new();
+        v.negotiate(false);
+        let _ = v.req(R::SET_OWNER, NEED, &[], &[]);
+        assert!(v.reply().is_none(), "REPLY_ACK not negotiated");
+        let mut v = Vmm::new();
+        v.negotiate(true);
+        assert_eq!(v.ask(R::SET_OWNER, NEED, &[], &[]), 0);
+        let _ = v.req(R::SET_OWNER, NO, &[], &[]);
+        assert!(v.reply().is_none(), "no NEED_REPLY, no ack");
+        // SET_PROTOCOL_FEATURES enabling REPLY_ACK with NEED_REPLY is acked itself.
+        let mut v = Vmm::new();
+        let p = VhostUserProtocolFeatures::REPLY_ACK.bits();
+        assert_eq!(v.ask(R::SET_PROTOCOL_FEATURES, NEED, &u64b(p), &[]), 0);
+    }
+
+    #[test]
+    fn unknown_unsupported_and_malformed_requests_keep_the_connection() {
+        let mut v = Vmm::new();
+        v.negotiate(true);
+        // Unknown code, with a payload to skip.
+        assert_eq!(
+            v.raw(Header::request(999, 4, NEED), &[1, 2, 3, 4], &[]),
+            Outcome::Continue
+        );
+        assert_eq!(v.reply_u64(), 1);
+        let _ = v.raw(Header::request(999, 0, NO), &[], &[]);
+        assert!(v.reply().is_none());
+        // Unsupported request that always has a reply: answered with an error anyway.
+        assert_eq!(v.ask(R::GET_INFLIGHT_FD, NO, &[0; 24], &[]), 1);
+        // Unsupported without reply.
+        let _ = v.req(R::SET_BACKEND_REQ_FD, NO, &[], &[]);
+        assert!(v.reply().is_none());
+        // Wrong payload sizes.
+        assert_eq!(v.ask(R::SET_FEATURES, NEED, &[0; 4], &[]), 1);
+        assert_eq!(v.ask(R::SET_VRING_NUM, NEED, &[0; 12], &[]), 1);
+        assert_eq!(v.ask(R::GET_VRING_BASE, NO, &[0; 4], &[]), 1);
+        // Features we didn't offer.
+        assert_eq!(v.ask(R::SET_FEATURES, NEED, &u64b(1 << 1), &[]), 1);
+        assert_eq!(v.ask(R::SET_PROTOCOL_FEATURES, NEED, &u64b(1 << 9), &[]), 1);
+        // Ring index, size and alignment.
+        assert_eq!(v.ask(R::SET_VRING_NUM, NEED, &state(2, 256), &[]), 1);
+        assert_eq!(v.ask(R::SET_VRING_NUM, NEED, &state(0, 100), &[]), 1);
+        assert_eq!(v.ask(R::SET_VRING_NUM, NEED, &state(0, 2048), &[]), 1);
+        assert_eq!(v.ask(R::SET_VRING_NUM, NEED, &state(0, 0), &[]), 1);
+        assert_eq!(v.ask(R::SET_VRING_BASE, NEED, &state(0, 70000), &[]), 1);
+        assert_eq!(v.ask(R::SET_VRING_ENABLE, NEED, &state(0, 2), &[]), 1);
+        assert_eq!(v.ask(R::SET_VRING_ENABLE, NEED, &state(5, 1), &[]), 1);
+        let bad = VhostUserVringAddr::new(
+            0,
+            vhost::vhost_user::message::VhostUserVringAddrFlags::empty(),
+            0x1008,
+            0x2000,
+            0x3000,
+            0,
+        );
+        assert_eq!(v.ask(R::SET_VRING_ADDR, NEED, bad.as_slice(), &[]), 1);
+        // Ring fds: missing fd, reserved bits, bad index.
+        assert_eq!(v.ask(R::SET_VRING_CALL, NEED, &u64b(0), &[]), 1);
+        assert_eq!(v.ask(R::SET_VRING_CALL, NEED, &u64b(0x200), &[]), 1);
+        let (a, _b) = testutil::eventfd();
+        assert_eq!(
+            v.ask(R::SET_VRING_KICK, NEED, &u64b(7), &[a.as_raw_fd()]),
+            1
+        );
+        // Memory: fd count mismatch, bad region.
+        let f = memfd(0x1000);
+        let body = single_region(0, 0x1000, 0);
+        assert_eq!(v.ask(R::ADD_MEM_REG, NEED, &body, &[]), 1);
+        assert_eq!(
+            v.ask(
+                R::ADD_MEM_REG,
+                NEED,
+                &single_region(0, 0x2000, 0),
+                &[f.as_raw_fd()]
+            ),
+            1
+        );
+        assert_eq!(v.ask(R::REM_MEM_REG, NEED, &body, &[]), 1);
+        let mut table = VhostUserMemory::new(2).as_slice().to_vec();
+        table.extend_from_slice(VhostUserMemoryRegion::new(0, 0x1000, 0, 0).as_slice());
+        assert_eq!(v.ask(R::SET_MEM_TABLE, NEED, &table, &[f.as_raw_fd()]), 1);
+        assert_eq!(v.ask(R::SET_MEM_TABLE, NEED, &[0; 4], &[]), 1);
+
+        let s = v.dev.stats().ctrl;
+        assert_eq!(s.unsupported, 4);
+        assert!(s.malformed >= 10, "{s:?}");
+        assert!(s.failed >= 5, "{s:?}");
+        // Still alive.
+        assert_eq!(v.ask(R::GET_QUEUE_NUM, NO, &[], &[]), 1);
+        assert!(v.dev.is_connected());
+    }
+
+    #[test]
+    fn broken_stream_disconnects_and_device_takes_the_next_one() {
+        let mut v = Vmm::new();
+        let bad = Header {
+            request: 1,
+            flags: 0x2,
+            size: 0,
+        };
+        assert_eq!(v.raw(bad, &[], &[]), Outcome::Disconnected);
+        assert!(!v.dev.is_connected());
+        assert_eq!(v.dev.watched_fds().count(), 0);
+        let mut v2 = Vmm::new();
+        v2.dev = v.dev;
+        let (a, b) = UnixStream::pair().expect("pair");
+        a.set_nonblocking(true).expect("nb");
+        v2.sock = a;
+        v2.dev.attach(b);
+        assert_eq!(v2.ask(R::GET_QUEUE_NUM, NO, &[], &[]), 1);
+        assert_eq!(v2.dev.stats().ctrl.connections, 2);
+        // Oversized message.
+        assert_eq!(
+            v2.raw(Header::request(1, 0x10000, NO), &[], &[]),
+            Outcome::Disconnected
+        );
+        // Plain close.
+        let mut v3 = Vmm::new();
+        let (a, b) = UnixStream::pair().expect("pair");
+        drop(a);
+        v3.dev.attach(b);
+        assert_eq!(
+            v3.dev.handle(Source::Control, &mut v3.eng),
+            Outcome::Disconnected
+        );
+    }
+
+    #[test]
+    fn kick_and_nofd_flag() {
+        let mut v = Vmm::new();
+        v.negotiate(true);
+        assert_eq!(
+            v.req(R::SET_VRING_KICK, NEED, &u64b(0x100), &[]),
+            Outcome::Continue
+        );
+        assert_eq!(v.reply_u64(), 0);
+        assert_eq!(v.dev.watched_fds().count(), 1, "only the control socket");
+        // The no-fd flag wins over a stray descriptor (which is closed).
+        let (a, _b) = testutil::eventfd();
+        let _ = v.req(R::SET_VRING_CALL, NEED, &u64b(0x101), &[a.as_raw_fd()]);
+        assert_eq!(v.reply_u64(), 0);
+        let (k, _k2) = testutil::eventfd();
+        assert_eq!(
+            v.req(R::SET_VRING_KICK, NEED, &u64b(1), &[k.as_raw_fd()]),
+            Outcome::FdsChanged
+        );
+        assert_eq!(v.reply_u64(), 0);
+        let watched: Vec<_> = v.dev.watched_fds().map(|(_, s)| s).collect();
+        assert_eq!(watched, vec![Source::Control, Source::Kick(QueueIdx::TX)]);
+        // GET_VRING_BASE drops the kick.
+        assert_eq!(
+            v.req(R::GET_VRING_BASE, NO, &state(1, 0), &[]),
+            Outcome::FdsChanged
+        );
+        let (_, b) = v.reply().expect("reply");
+        assert_eq!(b, state(1, 0));
+        assert_eq!(v.dev.watched_fds().count(), 1);
+    }
+
+    #[test]
+    fn vring_base_round_trip_without_start() {
+        let mut v = Vmm::new();
+        assert!(v.req(R::SET_VRING_BASE, NO, &state(0, 42), &[]) == Outcome::Continue);
+        let _ = v.req(R::GET_VRING_BASE, NO, &state(0, 0), &[]);
+        assert_eq!(v.reply().expect("reply").1, state(0, 42));
+    }
+
+    /// QEMU's order: ring enables (with NEED_REPLY, as QEMU 10) before SET_FEATURES, memory
+    /// and rings afterwards; then traffic both ways, a stop, a restart on the same connection.
+    #[test]
+    fn qemu_order_start_traffic_stop_restart() {
+        let mut v = Vmm::new();
+        v.negotiate(true);
+        assert_eq!(v.ask(R::GET_QUEUE_NUM, NO, &[], &[]), 1);
+        assert_eq!(v.ask(R::SET_OWNER, NEED, &[], &[]), 0);
+        for i in 0..2 {
+            let (c, _c) = testutil::eventfd();
+            assert_eq!(
+                v.ask(R::SET_VRING_CALL, NEED, &u64b(i), &[c.as_raw_fd()]),
+                0
+            );
+            let (e, _e) = testutil::eventfd();
+            assert_eq!(v.ask(R::SET_VRING_ERR, NEED, &u64b(i), &[e.as_raw_fd()]), 0);
+        }
+        for i in 0..2 {
+            assert_eq!(v.ask(R::SET_VRING_ENABLE, NEED, &state(i, 1), &[]), 0);
+        }
+        let feats = v.dev.offered_features();
+        assert_eq!(v.ask(R::SET_FEATURES, NEED, &u64b(feats), &[]), 0);
+        let mem = shared_memory(&mut v);
+
+        // Two drivers over the same memory: RX ring at 0x1000, TX ring further up.
+        let mut rxd = Driver::new(&mem);
+        let mut txd = Driver::at(&mem, 0x8000, 0x18_0000, 0x30_0000);
+        let (_rx_kick, mut rx_call) = setup_ring(&mut v, &rxd, 0);
+        let (tx_kick, mut tx_call) = setup_ring(&mut v, &txd, 1);
+        assert_eq!(v.dev.watched_fds().count(), 3);
+
+        let rx_buf = rxd.rx_buf(2048);
+        let frame: Vec<u8> = (0..100u8).collect();
+        txd.tx(&frame, &[crate::virtio::NET_HDR_LEN]);
+        (&tx_kick).write_all(&1u64.to_ne_bytes()).expect("kick");
+        assert_eq!(
+            v.dev.handle(Source::Kick(QueueIdx::TX), &mut v.eng),
+            Outcome::Continue
+        );
+        assert_eq!(v.eng.0, vec![frame.clone()]);
+        assert_eq!(txd.used_idx(), 1);
+        assert_eq!(testutil::take(&mut tx_call), 1);
+        // The echo went to RX and was flushed.
+        assert_eq!(rxd.used_idx(), 1);
+        assert_eq!(testutil::take(&mut rx_call), 1);
+        let (id, len) = rxd.used_elem(0);
+        assert_eq!((id, len as usize), (u32::from(rx_buf.0), 12 + 100));
+        let mut got = vec![0u8; 100];
+        use vm_memory::Bytes;
+        mem.read_slice(&mut got, GuestAddress(rx_buf.1 + 12))
+            .expect("read");
+        assert_eq!(got, frame);
+
+        // Driver reset: GET_VRING_BASE answers the next avail index and stops the rings.
+        let _ = v.req(R::GET_VRING_BASE, NO, &state(1, 0), &[]);
+        assert_eq!(v.reply().expect("reply").1, state(1, 1));
+        let _ = v.req(R::GET_VRING_BASE, NO, &state(0, 0), &[]);
+        assert_eq!(v.reply().expect("reply").1, state(0, 1));
+        assert_eq!(v.dev.watched_fds().count(), 1);
+        assert!(!v.dev.to_guest().send(&[&frame]), "RX stopped");
+
+        // Restart on the same connection, from the saved base.
+        let c = txd.config();
+        assert_eq!(v.ask(R::SET_VRING_BASE, NEED, &state(1, 1), &[]), 0);
+        let _ = c;
+        let (tx_kick, _tx_call) = testutil::eventfd();
+        assert_eq!(
+            v.req(R::SET_VRING_KICK, NEED, &u64b(1), &[tx_kick.as_raw_fd()]),
+            Outcome::FdsChanged
+        );
+        assert_eq!(v.reply_u64(), 0);
+        txd.tx(&frame, &[]);
+        let (_, kick_dev) = (
+            0,
+            v.dev
+                .watched_fds()
+                .find(|(_, s)| *s == Source::Kick(QueueIdx::TX)),
+        );
+        assert!(kick_dev.is_some());
+        assert_eq!(
+            v.dev.handle(Source::Kick(QueueIdx::TX), &mut v.eng),
+            Outcome::Continue
+        );
+        assert_eq!(v.eng.0.len(), 2);
+        assert_eq!(txd.used_idx(), 2);
+    }
+
+    /// cloud-hypervisor's order: features first, SET_MEM_TABLE, rings, enables last.
+    #[test]
+    fn features_first_order_waits_for_enable() {
+        let mut v = Vmm::new();
+        let feats = v.dev.offered_features();
+        assert_eq!(
+            v.req(R::SET_FEATURES, NO, &u64b(feats), &[]),
+            Outcome::Continue
+        );
+        v.negotiate(true);
+        let f = memfd(MEM_SIZE as u64);
+        let mut table = VhostUserMemory::new(1).as_slice().to_vec();
+        table.extend_from_slice(
+            VhostUserMemoryRegion::new(0, MEM_SIZE as u64, USER_BASE, 0).as_slice(),
+        );
+        assert_eq!(v.ask(R::SET_MEM_TABLE, NEED, &table, &[f.as_raw_fd()]), 0);
+        let mem = GuestMemoryMmap::from_ranges_with_files(&[(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(f, 0)),
+        )])
+        .expect("view");
+        let mut txd = Driver::at(&mem, 0x8000, 0x18_0000, 0x30_0000);
+        let (tx_kick, _call) = setup_ring(&mut v, &txd, 1);
+        txd.tx(&[7u8; 60], &[]);
+        (&tx_kick).write_all(&1u64.to_ne_bytes()).expect("kick");
+        let _ = v.dev.handle(Source::Kick(QueueIdx::TX), &mut v.eng);
+        assert!(v.eng.0.is_empty(), "ring not enabled yet: frame discarded");
+        assert_eq!(v.dev.stats().tx.discarded, 1);
+        assert_eq!(v.ask(R::SET_VRING_ENABLE, NEED, &state(1, 1), &[]), 0);
+        txd.tx(&[8u8; 60], &[]);
+        let _ = v.dev.handle(Source::Kick(QueueIdx::TX), &mut v.eng);
+        assert_eq!(v.eng.0, vec![vec![8u8; 60]]);
+    }
+
+    #[test]
+    fn ring_addresses_outside_memory_do_not_start() {
+        let mut v = Vmm::new();
+        v.negotiate(true);
+        let mem = shared_memory(&mut v);
+        let d = Driver::new(&mem);
+        let addr = VhostUserVringAddr::new(
+            0,
+            vhost::vhost_user::message::VhostUserVringAddrFlags::empty(),
+            0x1000, // not a user address of any region
+            0x2000,
+            0x3000,
+            0,
+        );
+        assert_eq!(v.ask(R::SET_VRING_ADDR, NEED, addr.as_slice(), &[]), 0);
+        let (_k, kd) = testutil::eventfd();
+        let _ = v.req(R::SET_VRING_KICK, NEED, &u64b(0), &[kd.as_raw_fd()]);
+        assert_eq!(v.reply_u64(), 0);
+        assert!(v.dev.stats().ctrl.ring_start_failed >= 1);
+        assert!(!v.dev.to_guest().send(&[&[0u8; 60]]));
+        // Fixing the address starts it.
+        let _ = setup_ring(&mut v, &d, 0);
+        assert!(v.dev.rx.is_ready());
+    }
+
+    #[test]
+    fn reset_owner_stops_rings_and_keeps_memory() {
+        let mut v = Vmm::new();
+        v.negotiate(true);
+        let feats = v.dev.offered_features();
+        v.ask(R::SET_FEATURES, NEED, &u64b(feats), &[]);
+        let mem = shared_memory(&mut v);
+        let d = Driver::new(&mem);
+        setup_ring(&mut v, &d, 0);
+        assert_eq!(v.ask(R::SET_VRING_ENABLE, NEED, &state(0, 1), &[]), 0);
+        assert!(v.dev.rx.is_ready());
+        assert_eq!(v.req(R::RESET_OWNER, NEED, &[], &[]), Outcome::FdsChanged);
+        assert_eq!(v.reply_u64(), 0);
+        assert!(!v.dev.rx.is_ready());
+        assert_eq!(v.dev.mem.len(), 1);
+        // Memory removal.
+        let body = single_region(0, MEM_SIZE as u64, USER_BASE);
+        assert_eq!(v.ask(R::REM_MEM_REG, NEED, &body, &[]), 0);
+        assert!(v.dev.mem.is_empty());
+    }
+
+    #[test]
+    fn log_requests_are_accepted() {
+        let mut v = Vmm::new();
+        v.negotiate(true);
+        let f = memfd(0x1000);
+        assert_eq!(v.ask(R::SET_LOG_FD, NEED, &[], &[f.as_raw_fd()]), 0);
+        assert_eq!(v.ask(R::SET_LOG_BASE, NEED, &u64b(0), &[]), 0);
+        assert_eq!(v.ask(R::SEND_RARP, NEED, &u64b(0x0102_0304_0506), &[]), 0);
+        assert_eq!(v.ask(R::NET_SET_MTU, NEED, &u64b(1500), &[]), 0);
+    }
+}

@@ -518,6 +518,7 @@ pub(crate) mod testutil {
     pub struct Driver<'a> {
         pub vq: MockSplitQueue<'a, GuestMemoryMmap>,
         pub mem: &'a GuestMemoryMmap,
+        used: u64,
         next_desc: u16,
         next_buf: u64,
     }
@@ -525,12 +526,18 @@ pub(crate) mod testutil {
     impl<'a> Driver<'a> {
         pub fn new(mem: &'a GuestMemoryMmap) -> Self {
             // Avoid GPA 0 for the avail ring (virtio-queue treats 0 as "not set").
-            let vq = MockSplitQueue::create(mem, GuestAddress(0x1000), QSIZE);
+            Self::at(mem, 0x1000, USED_ADDR, BUF_BASE)
+        }
+
+        /// A driver with its rings and buffers elsewhere, to share memory with another.
+        pub fn at(mem: &'a GuestMemoryMmap, ring: u64, used: u64, bufs: u64) -> Self {
+            let vq = MockSplitQueue::create(mem, GuestAddress(ring), QSIZE);
             Driver {
                 vq,
                 mem,
+                used,
                 next_desc: 0,
-                next_buf: BUF_BASE,
+                next_buf: bufs,
             }
         }
 
@@ -539,7 +546,7 @@ pub(crate) mod testutil {
                 size: QSIZE,
                 desc: self.vq.desc_table_addr().0,
                 avail: self.vq.avail_addr().0,
-                used: USED_ADDR,
+                used: self.used,
                 next_avail: 0,
             }
         }
@@ -623,12 +630,12 @@ pub(crate) mod testutil {
 
         pub fn used_idx(&self) -> u16 {
             self.mem
-                .load::<u16>(GuestAddress(USED_ADDR + 2), Ordering::Acquire)
+                .load::<u16>(GuestAddress(self.used + 2), Ordering::Acquire)
                 .expect("used idx")
         }
 
         pub fn used_elem(&self, i: u16) -> (u32, u32) {
-            let a = USED_ADDR + 4 + 8 * u64::from(i % QSIZE);
+            let a = self.used + 4 + 8 * u64::from(i % QSIZE);
             let id: u32 = self.mem.read_obj(GuestAddress(a)).expect("id");
             let len: u32 = self.mem.read_obj(GuestAddress(a + 4)).expect("len");
             (id, len)
@@ -640,12 +647,12 @@ pub(crate) mod testutil {
         }
 
         pub fn avail_event(&self) -> u16 {
-            let a = USED_ADDR + 4 + 8 * u64::from(QSIZE);
+            let a = self.used + 4 + 8 * u64::from(QSIZE);
             self.mem.read_obj(GuestAddress(a)).expect("avail_event")
         }
 
         pub fn used_flags(&self) -> u16 {
-            self.mem.read_obj(GuestAddress(USED_ADDR)).expect("flags")
+            self.mem.read_obj(GuestAddress(self.used)).expect("flags")
         }
 
         pub fn set_avail_flags(&self, v: u16) {
