@@ -381,14 +381,12 @@ impl Device {
         // Consume the event; nothing to do if it was already consumed (EAGAIN).
         let _ = (&*kick).read(&mut [0u8; 8]);
         match q {
-            QueueIdx::TX => {
-                if self.tx.is_running() {
-                    let more = self.tx.drain(&mut self.rx, engine, self.opts.tx_budget);
-                    self.rx.flush();
-                    if more {
-                        // Come back after the rest of the event loop had its turn.
-                        let _ = (&*kick).write(&1u64.to_ne_bytes());
-                    }
+            QueueIdx::TX if self.tx.is_running() => {
+                let more = self.tx.drain(&mut self.rx, engine, self.opts.tx_budget);
+                self.rx.flush();
+                if more {
+                    // Come back after the rest of the event loop had its turn.
+                    let _ = (&*kick).write(&1u64.to_ne_bytes());
                 }
             }
             QueueIdx::RX => self.rx.handle_kick(),
