@@ -8,6 +8,8 @@
 //! - [`l2`]: ARP, DHCP, NDP, DHCPv6: frames in, reply frames out.
 //! - [`icmp`]: ICMP/ICMPv6 echo through ping sockets.
 //! - [`tap`]: frames to and from the guest, over vhost-user or the stream socket.
+//! - [`vhost_user`]: the vhost-user-net device: control socket, memory table, rings.
+//! - [`virtio`]: the virtio-net data plane: split virtqueues, TX drain, mergeable RX.
 //! - [`wire`]: headers of frames we build.
 //! - [`logger`]: log destinations and rate limiting.
 pub mod conf;
@@ -18,6 +20,8 @@ pub mod icmp;
 pub mod l2;
 pub mod logger;
 pub mod tap;
+pub mod vhost_user;
+pub mod virtio;
 pub mod wire;
 
 /// An error and its causes, one line: "what failed: why: deeper why".
