@@ -12,10 +12,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::conf::Config;
+use crate::conf::{Config, Mode};
 use crate::engine::Engine;
 use crate::icmp::IcmpFlowIdx;
 use crate::tap::stream::{StreamEvent, StreamTap};
+use crate::tap::{Discard, ToGuest};
+use crate::vhost_user::{Device, DeviceOptions, Outcome, Source};
+use crate::virtio::QueueIdx;
 
 /// Housekeeping period: flow expiry, periodic announcements.
 const PERIODIC: Duration = Duration::from_secs(1);
@@ -27,6 +30,8 @@ pub enum Token {
     Signal,
     Listener,
     TapConn,
+    VhostCtrl,
+    VhostKick(QueueIdx),
     IcmpSock(IcmpFlowIdx),
 }
 
@@ -39,6 +44,8 @@ impl Token {
             Token::Listener => (2, 0),
             Token::TapConn => (3, 0),
             Token::IcmpSock(i) => (4, u64::from(i.0)),
+            Token::VhostCtrl => (5, 0),
+            Token::VhostKick(q) => (6, u64::from(q.0)),
         };
         kind << Self::SHIFT | idx
     }
@@ -50,6 +57,8 @@ impl Token {
             2 => Token::Listener,
             3 => Token::TapConn,
             4 => Token::IcmpSock(IcmpFlowIdx(idx)),
+            5 => Token::VhostCtrl,
+            6 => Token::VhostKick(QueueIdx(idx as u16)),
             _ => return None,
         })
     }
@@ -92,8 +101,6 @@ pub enum LoopError {
     EpollWait(#[source] io::Error),
     #[error("setting up signal handling")]
     Signals(#[source] nix::Error),
-    #[error("the vhost-user mode is not available in this build yet")]
-    VhostUserUnavailable,
 }
 
 /// Where the guest comes from.
@@ -172,6 +179,46 @@ pub fn signal_fd() -> Result<SignalFd, LoopError> {
         .map_err(LoopError::Signals)
 }
 
+/// The guest's connection, of whichever kind the mode asks for.
+enum Link {
+    Stream {
+        tap: Option<StreamTap>,
+        out_watched: bool,
+    },
+    Vhost {
+        dev: Box<Device>,
+        /// Kick eventfds currently in the epoll set.
+        kicks: Vec<RawFd>,
+    },
+}
+
+impl Link {
+    fn connected(&self) -> bool {
+        match self {
+            Link::Stream { tap, .. } => tap.is_some(),
+            Link::Vhost { dev, .. } => dev.is_connected(),
+        }
+    }
+
+    /// Where frames the engine originates go, while a guest is connected.
+    fn to_guest(&mut self) -> Option<&mut dyn ToGuest> {
+        match self {
+            Link::Stream { tap: Some(t), .. } => Some(t.to_guest()),
+            Link::Vhost { dev, .. } if dev.is_connected() => Some(dev.to_guest()),
+            _ => None,
+        }
+    }
+}
+
+/// The loop's state: what [`run`] owns while it runs.
+struct Loop {
+    epoll: Epoll,
+    engine: Engine,
+    link: Link,
+    listener: Option<UnixListener>,
+    exit_when_gone: bool,
+}
+
 /// Runs the loop until a termination signal, or until the client leaves when the
 /// configuration says that ends the process.
 pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopError> {
@@ -181,41 +228,51 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
         epoll::Events::EPOLLIN,
         Token::Signal,
     )?;
-    let mut engine = Engine::new(
+    let engine = Engine::new(
         cfg.net.clone(),
         cfg.icmp,
         EpollRegistrar {
             epoll_fd: epoll.0.as_raw_fd(),
         },
     );
-    let mut conn: Option<StreamTap> = None;
-    let mut conn_out_watched = false;
-    let (listener, single) = match guest {
+    let link = match cfg.mode {
+        Mode::Stream => Link::Stream {
+            tap: None,
+            out_watched: false,
+        },
+        Mode::VhostUser => Link::Vhost {
+            dev: Box::new(Device::new(DeviceOptions {
+                mtu: cfg.net.mtu,
+                ..DeviceOptions::default()
+            })),
+            kicks: Vec::new(),
+        },
+    };
+    let mut lp = Loop {
+        epoll,
+        engine,
+        link,
+        listener: None,
+        exit_when_gone: cfg.one_off,
+    };
+    match guest {
         Guest::Listen(l) => {
             l.set_nonblocking(true).map_err(LoopError::EpollAdd)?;
-            epoll.add(l.as_raw_fd(), epoll::Events::EPOLLIN, Token::Listener)?;
-            (Some(l), false)
+            lp.epoll
+                .add(l.as_raw_fd(), epoll::Events::EPOLLIN, Token::Listener)?;
+            lp.listener = Some(l);
         }
         Guest::Connected(s) => {
-            let mut tap = StreamTap::new(s).map_err(LoopError::EpollAdd)?;
-            epoll.add(
-                tap.socket().as_raw_fd(),
-                epoll::Events::EPOLLIN,
-                Token::TapConn,
-            )?;
-            engine.guest_attached(tap.to_guest());
-            tap.to_guest().flush();
-            conn = Some(tap);
-            (None, true)
+            lp.exit_when_gone = true;
+            lp.attach(s)?;
         }
-    };
-    let exit_when_gone = single || cfg.one_off;
+    }
 
     let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); MAX_EVENTS];
     let mut last_periodic = Instant::now();
     loop {
         let n = match epoll::wait(
-            epoll.0.as_raw_fd(),
+            lp.epoll.0.as_raw_fd(),
             PERIODIC.as_millis() as i32,
             &mut events,
         ) {
@@ -224,135 +281,225 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
             Err(e) => return Err(LoopError::EpollWait(e)),
         };
         let now = Instant::now();
-        engine.set_now(now);
+        lp.engine.set_now(now);
         for ev in &events[..n] {
             let (ev_flags, ev_data) = (ev.events, ev.data);
             let flags = epoll::Events::from_bits_truncate(ev_flags);
-            match Token::decode(ev_data) {
-                Some(Token::Signal) => {
-                    if let Ok(Some(info)) = signals.read_signal() {
+            let exit = match Token::decode(ev_data) {
+                Some(Token::Signal) => match signals.read_signal() {
+                    Ok(Some(info)) => {
                         log::info!("received signal {}, exiting", info.ssi_signo);
-                        return Ok(Exit::Signal(info.ssi_signo as i32));
+                        Some(Exit::Signal(info.ssi_signo as i32))
                     }
-                }
-                Some(Token::Listener) => {
-                    let Some(l) = listener.as_ref() else { continue };
-                    while let Ok((sock, _)) = l.accept() {
-                        if conn.as_ref().is_some_and(StreamTap::hung_up) {
-                            if let Some(old) = conn.take() {
-                                if let Some(exit) =
-                                    client_gone(&epoll, &engine, &old, exit_when_gone)
-                                {
-                                    return Ok(exit);
-                                }
-                            }
-                        }
-                        if conn.is_some() {
-                            log::warn!("a client is already connected: rejecting another one");
-                            drop(sock);
-                            continue;
-                        }
-                        match StreamTap::new(sock) {
-                            Ok(mut tap) => {
-                                epoll.add(
-                                    tap.socket().as_raw_fd(),
-                                    epoll::Events::EPOLLIN,
-                                    Token::TapConn,
-                                )?;
-                                log::info!("client connected");
-                                engine.guest_attached(tap.to_guest());
-                                tap.to_guest().flush();
-                                conn = Some(tap);
-                                conn_out_watched = false;
-                            }
-                            Err(e) => log::warn!("can't set up the client connection: {e}"),
-                        }
-                    }
-                }
-                Some(Token::TapConn) => {
-                    let Some(tap) = conn.as_mut() else { continue };
-                    let mut state = StreamEvent::Open;
-                    if flags.contains(epoll::Events::EPOLLOUT) {
-                        state = tap.handle_writable();
-                    }
-                    if state == StreamEvent::Open
-                        && flags.intersects(
-                            epoll::Events::EPOLLIN
-                                | epoll::Events::EPOLLHUP
-                                | epoll::Events::EPOLLERR,
-                        )
-                    {
-                        state = tap.handle_readable(&mut engine);
-                    }
-                    if state == StreamEvent::Closed {
-                        if let Some(exit) = client_gone(&epoll, &engine, tap, exit_when_gone) {
-                            return Ok(exit);
-                        }
-                        conn = None;
-                    }
-                }
+                    _ => None,
+                },
+                Some(Token::Listener) => lp.accept()?,
+                Some(Token::TapConn) => lp.stream_ready(flags),
+                Some(Token::VhostCtrl) => lp.vhost_ready(Source::Control)?,
+                Some(Token::VhostKick(q)) => lp.vhost_ready(Source::Kick(q))?,
                 Some(Token::IcmpSock(idx)) => {
-                    if let Some(tap) = conn.as_mut() {
-                        engine.icmp_sock_ready(idx, tap.to_guest());
-                    } else {
-                        engine.icmp_sock_ready(idx, &mut crate::tap::Discard);
-                    }
+                    lp.engine
+                        .icmp_sock_ready(idx, lp.link.to_guest().unwrap_or(&mut Discard));
+                    None
                 }
-                None => log::debug!("event with an unknown token {ev_data:#x}"),
+                None => {
+                    log::debug!("event with an unknown token {ev_data:#x}");
+                    None
+                }
+            };
+            if let Some(exit) = exit {
+                return Ok(exit);
             }
         }
+        lp.after_batch();
+        if now.duration_since(last_periodic) >= PERIODIC {
+            last_periodic = now;
+            lp.engine.periodic(now);
+        }
+    }
+}
 
-        // After the batch: one flush towards the guest, and output interest to match.
-        if let Some(tap) = conn.as_mut() {
-            tap.to_guest().flush();
+impl Loop {
+    /// New connections on the listening socket: one client at a time.
+    fn accept(&mut self) -> Result<Option<Exit>, LoopError> {
+        loop {
+            let Some(l) = self.listener.as_ref() else {
+                return Ok(None);
+            };
+            let Ok((sock, _)) = l.accept() else {
+                return Ok(None);
+            };
+            if let Link::Stream { tap: Some(t), .. } = &self.link {
+                // Its hang-up may be waiting in this very batch.
+                if t.hung_up() {
+                    if let Some(exit) = self.client_gone() {
+                        return Ok(Some(exit));
+                    }
+                }
+            }
+            if self.link.connected() {
+                log::warn!("a client is already connected: rejecting another one");
+                continue;
+            }
+            self.attach(sock)?;
+        }
+    }
+
+    fn attach(&mut self, sock: UnixStream) -> Result<(), LoopError> {
+        match &mut self.link {
+            Link::Stream { tap, out_watched } => match StreamTap::new(sock) {
+                Ok(t) => {
+                    self.epoll.add(
+                        t.socket().as_raw_fd(),
+                        epoll::Events::EPOLLIN,
+                        Token::TapConn,
+                    )?;
+                    *tap = Some(t);
+                    *out_watched = false;
+                }
+                Err(e) => {
+                    log::warn!("can't set up the client connection: {e}");
+                    return Ok(());
+                }
+            },
+            Link::Vhost { dev, .. } => {
+                dev.attach(sock);
+                self.sync_vhost_fds()?;
+            }
+        }
+        log::info!("client connected");
+        if let Some(to_guest) = self.link.to_guest() {
+            self.engine.guest_attached(to_guest);
+            to_guest.flush();
+        }
+        Ok(())
+    }
+
+    /// The client left: forget its connection, log what it did; `Some` if that ends the
+    /// process.
+    fn client_gone(&mut self) -> Option<Exit> {
+        match &mut self.link {
+            Link::Stream { tap, .. } => {
+                if let Some(t) = tap.take() {
+                    self.epoll.remove(t.socket().as_raw_fd());
+                    log::debug!("stream counters: {:?}", t.stats());
+                }
+            }
+            Link::Vhost { dev, kicks } => {
+                for fd in kicks.drain(..) {
+                    self.epoll.remove(fd);
+                }
+                log::debug!("vhost-user counters: {:?}", dev.stats());
+            }
+        }
+        log::debug!("engine counters: {:?}", self.engine.stats());
+        if let Some(icmp) = self.engine.icmp_stats() {
+            log::debug!("icmp counters: {icmp:?}");
+        }
+        if self.exit_when_gone {
+            return Some(Exit::ClientGone);
+        }
+        log::info!("client disconnected, waiting for the next one");
+        None
+    }
+
+    fn stream_ready(&mut self, flags: epoll::Events) -> Option<Exit> {
+        let Link::Stream { tap: Some(tap), .. } = &mut self.link else {
+            return None;
+        };
+        let mut state = StreamEvent::Open;
+        if flags.contains(epoll::Events::EPOLLOUT) {
+            state = tap.handle_writable();
+        }
+        if state == StreamEvent::Open
+            && flags.intersects(
+                epoll::Events::EPOLLIN | epoll::Events::EPOLLHUP | epoll::Events::EPOLLERR,
+            )
+        {
+            state = tap.handle_readable(&mut self.engine);
+        }
+        match state {
+            StreamEvent::Closed => self.client_gone(),
+            StreamEvent::Open => None,
+        }
+    }
+
+    fn vhost_ready(&mut self, src: Source) -> Result<Option<Exit>, LoopError> {
+        let Link::Vhost { dev, .. } = &mut self.link else {
+            return Ok(None);
+        };
+        match dev.handle(src, &mut self.engine) {
+            Outcome::Continue => Ok(None),
+            Outcome::FdsChanged => {
+                self.sync_vhost_fds()?;
+                Ok(None)
+            }
+            Outcome::Disconnected => {
+                // The control socket closed with the connection; the kicks are gone too.
+                Ok(self.client_gone())
+            }
+        }
+    }
+
+    /// Makes the epoll set match the device's descriptors: the control socket, and the
+    /// kick eventfds, which change as the front-end sets up and stops rings.
+    fn sync_vhost_fds(&mut self) -> Result<(), LoopError> {
+        let Link::Vhost { dev, kicks } = &mut self.link else {
+            return Ok(());
+        };
+        // An fd number may now name a new eventfd: drop every old registration first.
+        for fd in kicks.drain(..) {
+            self.epoll.remove(fd);
+        }
+        for (fd, src) in dev.watched_fds() {
+            let token = match src {
+                Source::Control => Token::VhostCtrl,
+                Source::Kick(q) => Token::VhostKick(q),
+            };
+            match self.epoll.ctl(
+                epoll::ControlOptions::EPOLL_CTL_ADD,
+                fd,
+                epoll::Events::EPOLLIN,
+                token,
+            ) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                Err(e) => return Err(LoopError::EpollAdd(e)),
+            }
+            if matches!(src, Source::Kick(_)) {
+                kicks.push(fd);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a batch of events: one flush towards the guest, and output interest to match.
+    fn after_batch(&mut self) {
+        if let Some(to_guest) = self.link.to_guest() {
+            to_guest.flush();
+        }
+        if let Link::Stream {
+            tap: Some(tap),
+            out_watched,
+        } = &mut self.link
+        {
             let want = tap.wants_write();
-            if want != conn_out_watched {
+            if want != *out_watched {
                 let ev = if want {
                     epoll::Events::EPOLLIN | epoll::Events::EPOLLOUT
                 } else {
                     epoll::Events::EPOLLIN
                 };
-                if epoll
-                    .ctl(
-                        epoll::ControlOptions::EPOLL_CTL_MOD,
-                        tap.socket().as_raw_fd(),
-                        ev,
-                        Token::TapConn,
-                    )
+                let fd = tap.socket().as_raw_fd();
+                if self
+                    .epoll
+                    .ctl(epoll::ControlOptions::EPOLL_CTL_MOD, fd, ev, Token::TapConn)
                     .is_ok()
                 {
-                    conn_out_watched = want;
+                    *out_watched = want;
                 }
             }
         }
-        if now.duration_since(last_periodic) >= PERIODIC {
-            last_periodic = now;
-            engine.periodic(now);
-        }
-    }
-}
-
-/// The client left: forget its socket, log what it did; `Some` if that ends the process.
-fn client_gone(
-    epoll: &Epoll,
-    engine: &Engine,
-    tap: &StreamTap,
-    exit_when_gone: bool,
-) -> Option<Exit> {
-    epoll.remove(tap.socket().as_raw_fd());
-    log::debug!("stream counters: {:?}", tap.stats());
-    log_stats(engine);
-    if exit_when_gone {
-        return Some(Exit::ClientGone);
-    }
-    log::info!("waiting for the next client");
-    None
-}
-
-fn log_stats(engine: &Engine) {
-    log::debug!("engine counters: {:?}", engine.stats());
-    if let Some(icmp) = engine.icmp_stats() {
-        log::debug!("icmp counters: {icmp:?}");
     }
 }
 

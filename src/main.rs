@@ -47,9 +47,6 @@ fn run(args: &Args) -> Result<(), String> {
     for note in &cfg.notes {
         log::info!("{note}");
     }
-    if cfg.mode == Mode::VhostUser {
-        return Err(error_chain(&event::LoopError::VhostUserUnavailable));
-    }
     if !args.tcp_ports.is_empty() || !args.udp_ports.is_empty() {
         log::warn!("-t/-u port forwarding is not implemented yet: ignoring");
     }
@@ -63,11 +60,19 @@ fn run(args: &Args) -> Result<(), String> {
         daemon::open_socket(cfg.socket_path.as_deref(), cfg.fd).map_err(|e| error_chain(&e))?;
     if let Some(p) = &socket.path {
         log::info!("UNIX domain socket bound at {}", p.display());
-        log::info!(
-            "You can now start qemu (>= 7.2):\n    qemu-system-x86_64 ... -device virtio-net-pci,netdev=s \
-             -netdev stream,id=s,server=off,addr.type=unix,addr.path={}",
-            p.display()
-        );
+        match cfg.mode {
+            Mode::Stream => log::info!(
+                "You can now start qemu (>= 7.2):\n    qemu-system-x86_64 ... -device virtio-net-pci,netdev=s \
+                 -netdev stream,id=s,server=off,addr.type=unix,addr.path={}",
+                p.display()
+            ),
+            Mode::VhostUser => log::info!(
+                "You can now start qemu:\n    qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \
+                 -numa node,memdev=mem -chardev socket,id=c,path={} -netdev vhost-user,id=n,chardev=c \
+                 -device virtio-net-pci,netdev=n",
+                p.display()
+            ),
+        }
     }
     let signals = event::signal_fd().map_err(|e| error_chain(&e))?;
     if cfg.foreground {

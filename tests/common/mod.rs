@@ -16,6 +16,7 @@
 //! ```
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod checks;
 pub mod frames;
 pub mod guest;
 pub mod netns;
