@@ -201,7 +201,7 @@ impl Link {
     }
 
     /// Where frames the engine originates go, while a guest is connected.
-    fn to_guest(&mut self) -> Option<&mut dyn ToGuest> {
+    fn guest_side(&mut self) -> Option<&mut dyn ToGuest> {
         match self {
             Link::Stream { tap: Some(t), .. } => Some(t.to_guest()),
             Link::Vhost { dev, .. } if dev.is_connected() => Some(dev.to_guest()),
@@ -299,7 +299,7 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
                 Some(Token::VhostKick(q)) => lp.vhost_ready(Source::Kick(q))?,
                 Some(Token::IcmpSock(idx)) => {
                     lp.engine
-                        .icmp_sock_ready(idx, lp.link.to_guest().unwrap_or(&mut Discard));
+                        .icmp_sock_ready(idx, lp.link.guest_side().unwrap_or(&mut Discard));
                     None
                 }
                 None => {
@@ -368,7 +368,7 @@ impl Loop {
             }
         }
         log::info!("client connected");
-        if let Some(to_guest) = self.link.to_guest() {
+        if let Some(to_guest) = self.link.guest_side() {
             self.engine.guest_attached(to_guest);
             to_guest.flush();
         }
@@ -475,7 +475,7 @@ impl Loop {
 
     /// After a batch of events: one flush towards the guest, and output interest to match.
     fn after_batch(&mut self) {
-        if let Some(to_guest) = self.link.to_guest() {
+        if let Some(to_guest) = self.link.guest_side() {
             to_guest.flush();
         }
         if let Link::Stream {
