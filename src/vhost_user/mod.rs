@@ -16,7 +16,7 @@
 //! ## Message order
 //!
 //! Requests are handled one at a time, each in one `handle(Source::Control)` call, in a
-//! single table-like `match` ([`Device::dispatch`]). The order is not enforced, because
+//! single table-like `match` (`Device::dispatch`). The order is not enforced, because
 //! front-ends differ. QEMU (7.2 and 10) sends, before the guest driver is up: GET_FEATURES,
 //! GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, SET_OWNER, SET_VRING_CALL/ERR,
 //! and **SET_VRING_ENABLE(1) for both rings before any SET_FEATURES** (QEMU 10 with
@@ -24,7 +24,7 @@
 //! then per ring SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK,
 //! SET_VRING_CALL. cloud-hypervisor sends SET_FEATURES first and enables rings last. So
 //! every request only records its part of the state, and after each request
-//! [`Device::sync_rings`] starts whatever ring has become complete: kicked (SET_VRING_KICK),
+//! `Device::sync_rings` starts whatever ring has become complete: kicked (SET_VRING_KICK),
 //! addressed, and backed by memory. Ring addresses are front-end virtual addresses and are
 //! translated through the region table when the ring starts.
 //!

@@ -14,8 +14,8 @@
 //! indirect tables) and `next_avail`, but writes used elements itself: `Queue::add_used`
 //! publishes `used->idx` for every element, and a guest could then see buffer 1 of a
 //! 3-buffer mergeable frame before buffers 2 and 3 exist (Linux drops such frames). Here used
-//! elements are *staged* ([`Vring::stage_used`]) and made visible by one `used->idx` store per
-//! batch ([`Vring::publish`]), followed by at most one call-eventfd write, decided by the
+//! elements are *staged* (`Vring::stage_used`) and made visible by one `used->idx` store per
+//! batch (`Vring::publish`), followed by at most one call-eventfd write, decided by the
 //! EVENT_IDX `used_event` test or the `VRING_AVAIL_F_NO_INTERRUPT` flag.
 //!
 //! Guest-to-device notifications (kicks) follow the usual EVENT_IDX drain: TX disables them,
