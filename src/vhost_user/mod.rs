@@ -55,8 +55,8 @@
 //! Offered: VERSION_1, MRG_RXBUF, RING_EVENT_IDX, RING_INDIRECT_DESC, PROTOCOL_FEATURES,
 //! and NET_F_MTU only when [`DeviceOptions::mtu`] is set (QEMU's `host_mtu=` then tells the
 //! guest; we never send bigger frames than [`crate::tap::MAX_FRAME`] anyway). Not offered:
-//! GUEST_CSUM and offloads (we send complete checksums), CTRL_VQ, MQ (one queue pair),
-//! LOG_ALL (no live migration). Protocol features: MQ (needed for QEMU to ask
+//! GUEST_CSUM and offloads (we send complete checksums), CTRL_VQ, VIRTIO_NET_F_MQ (one
+//! queue pair), LOG_ALL (no live migration), config space (QEMU 7.2 masks it for net). Protocol features: MQ (needed for QEMU to ask
 //! GET_QUEUE_NUM, answered with 1 pair), REPLY_ACK, CONFIGURE_MEM_SLOTS.
 
 pub mod mem;
@@ -240,8 +240,14 @@ pub struct Device {
 }
 
 impl Device {
-    /// A device with no connection.
-    pub fn new(opts: DeviceOptions) -> Self {
+    /// A device with no connection. Out-of-range options are replaced by defaults.
+    pub fn new(mut opts: DeviceOptions) -> Self {
+        if !opts.max_queue_size.is_power_of_two()
+            || opts.max_queue_size > crate::virtio::MAX_QUEUE_SIZE
+        {
+            opts.max_queue_size = DEFAULT_MAX_QUEUE_SIZE;
+        }
+        opts.tx_budget = opts.tx_budget.max(1);
         let rx = RxQueue::new(opts.max_queue_size, opts.pending_bytes, opts.pending_frames);
         let tx = TxQueue::new(opts.max_queue_size, opts.tx_copy);
         Device {
@@ -336,6 +342,10 @@ impl Device {
 
     /// Handles readiness of `src`. TX frames go to `engine`, with this device's RX side as
     /// their [`ToGuest`]; RX is flushed before returning.
+    ///
+    /// Each call does a bounded amount of work (one control message, or one TX drain of at
+    /// most [`DeviceOptions::tx_budget`] chains, re-kicking itself if more wait), so the
+    /// descriptors are meant for level-triggered polling.
     pub fn handle(&mut self, src: Source, engine: &mut dyn FrameHandler) -> Outcome {
         match src {
             Source::Control => self.handle_control(),

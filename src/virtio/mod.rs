@@ -24,8 +24,9 @@
 //!
 //! Everything a guest writes is untrusted: a malformed chain (see [`chain::ChainError`]) is
 //! returned with length 0, counted, and logged at a limited rate; an available index that
-//! jumps by more than the ring size marks the ring broken (spec 2.7.13: the device may stop
-//! using it) until the front-end restarts it. Nothing here panics on guest input.
+//! jumps by more than the ring size marks the ring broken (the driver broke the ring
+//! protocol; we stop using the ring and signal the error eventfd) until the front-end
+//! restarts it. Nothing here panics on guest input.
 //!
 //! Ring 0 is RX (`receiveq1`), ring 1 is TX (`transmitq1`). No control queue, one pair.
 
