@@ -14,8 +14,8 @@
 //! indirect tables) and `next_avail`, but writes used elements itself: `Queue::add_used`
 //! publishes `used->idx` for every element, and a guest could then see buffer 1 of a
 //! 3-buffer mergeable frame before buffers 2 and 3 exist (Linux drops such frames). Here used
-//! elements are *staged* ([`Vring::stage_used`]) and made visible by one `used->idx` store per
-//! batch ([`Vring::publish`]), followed by at most one call-eventfd write, decided by the
+//! elements are *staged* (`Vring::stage_used`) and made visible by one `used->idx` store per
+//! batch (`Vring::publish`), followed by at most one call-eventfd write, decided by the
 //! EVENT_IDX `used_event` test or the `VRING_AVAIL_F_NO_INTERRUPT` flag.
 //!
 //! Guest-to-device notifications (kicks) follow the usual EVENT_IDX drain: TX disables them,
@@ -24,8 +24,9 @@
 //!
 //! Everything a guest writes is untrusted: a malformed chain (see [`chain::ChainError`]) is
 //! returned with length 0, counted, and logged at a limited rate; an available index that
-//! jumps by more than the ring size marks the ring broken (spec 2.7.13: the device may stop
-//! using it) until the front-end restarts it. Nothing here panics on guest input.
+//! jumps by more than the ring size marks the ring broken (the driver broke the ring
+//! protocol; we stop using the ring and signal the error eventfd) until the front-end
+//! restarts it. Nothing here panics on guest input.
 //!
 //! Ring 0 is RX (`receiveq1`), ring 1 is TX (`transmitq1`). No control queue, one pair.
 
@@ -656,7 +657,6 @@ pub(crate) mod testutil {
         }
 
         pub fn set_avail_flags(&self, v: u16) {
-            self.vq.avail().idx(); // keep the borrow checker quiet about unused accessors
             self.mem
                 .write_obj(v, self.vq.avail_addr())
                 .expect("avail flags");

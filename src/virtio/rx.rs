@@ -59,7 +59,7 @@ pub struct RxStats {
     pub drop_pending_full: u64,
     /// Frames dropped: empty, larger than [`MAX_FRAME`], or larger than a non-mergeable buffer.
     pub drop_too_big: u64,
-    /// Frames dropped: would need more than [`MAX_RX_SEGS`] buffers' segments.
+    /// Frames dropped: would need more than 1024 buffer segments.
     pub drop_fragmented: u64,
     /// Frames dropped when the ring stopped or broke with them pending.
     pub drop_stopped: u64,

@@ -495,6 +495,39 @@ mod tests {
     }
 
     #[test]
+    fn buffers_across_adjacent_regions_are_copied_into_holes_rejected() {
+        // Two adjacent regions, then a hole, then a third region.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x10_0000), 0x10_0000),
+            (GuestAddress(0x30_0000), 0x10_0000),
+        ])
+        .expect("memory");
+        let mut d = Driver::at(&mem, 0x1000, 0x8000, 0x30_0000);
+        let mut tx = TxQueue::new(256, false);
+        tx.start(mem.clone(), &d.config(), NetFeatures::from_acked(1 << 32))
+            .expect("start");
+        tx.set_enabled(true);
+        let f = frame(0x200, 3);
+        let mut data = vec![0u8; NET_HDR_LEN];
+        data.extend_from_slice(&f);
+        // Crosses 0x10_0000, where the first two regions meet: fine, copied.
+        let a = 0x10_0000 - 0x100;
+        mem.write_slice(&data, GuestAddress(a)).expect("write");
+        let h = d.put_descs(&[(a, data.len() as u32, 0, 0)]);
+        d.offer(h);
+        // Runs from the second region into the hole: malformed.
+        let h = d.put_descs(&[(0x20_0000 - 0x100, 0x200, 0, 0)]);
+        d.offer(h);
+        let mut eng = Recorder::default();
+        tx.drain(&mut Sink::default(), &mut eng, 64);
+        assert_eq!(eng.frames, vec![f]);
+        assert_eq!(tx.stats().linearized, 1);
+        assert_eq!(tx.stats().bad_chains.address, 1);
+        assert_eq!(d.used_idx(), 2);
+    }
+
+    #[test]
     fn extract_handles_header_splits() {
         let mem = memory();
         let f = frame(100, 3);
