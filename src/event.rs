@@ -243,6 +243,11 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
         Mode::VhostUser => Link::Vhost {
             dev: Box::new(Device::new(DeviceOptions {
                 mtu: cfg.net.mtu,
+                // The engine's packet views read a header field more than once (checked
+                // length, then the payload range): a guest rewriting its TX buffer meanwhile
+                // could turn a checked view inconsistent. A private copy per frame removes
+                // that race until the views read each field once.
+                tx_copy: true,
                 ..DeviceOptions::default()
             })),
             kicks: Vec::new(),
