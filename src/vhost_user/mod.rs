@@ -435,6 +435,12 @@ impl Device {
         let before = self.fd_signature();
         let fds = std::mem::take(&mut self.fds);
         let req = FrontendReq::try_from(hdr.request).ok();
+        log::trace!(
+            "vhost-user: request {:?} ({}), {size} bytes, {} fds",
+            req,
+            hdr.request,
+            fds.len()
+        );
         let res = match req {
             Some(r) => self.dispatch(r, size, fds),
             None => Err(ReqError::Unknown),
