@@ -14,6 +14,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::conf::Config;
 use crate::engine::Engine;
+use crate::flow::FlowIdx;
 use crate::icmp::IcmpFlowIdx;
 use crate::tap::stream::{StreamEvent, StreamTap};
 
@@ -28,6 +29,8 @@ pub enum Token {
     Listener,
     TapConn,
     IcmpSock(IcmpFlowIdx),
+    /// A TCP flow's socket (passt-rs TCP slice).
+    TcpSock(FlowIdx),
 }
 
 impl Token {
@@ -39,6 +42,7 @@ impl Token {
             Token::Listener => (2, 0),
             Token::TapConn => (3, 0),
             Token::IcmpSock(i) => (4, u64::from(i.0)),
+            Token::TcpSock(i) => (5, u64::from(i.0)),
         };
         kind << Self::SHIFT | idx
     }
@@ -50,6 +54,7 @@ impl Token {
             2 => Token::Listener,
             3 => Token::TapConn,
             4 => Token::IcmpSock(IcmpFlowIdx(idx)),
+            5 => Token::TcpSock(FlowIdx(idx)),
             _ => return None,
         })
     }
@@ -188,6 +193,16 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
             epoll_fd: epoll.0.as_raw_fd(),
         },
     );
+    if cfg.tcp {
+        engine.enable_tcp(crate::tcp::TcpConfig {
+            mtu: cfg.net.mtu,
+            outbound4: cfg.outbound4,
+            outbound6: cfg.outbound6,
+            outbound_if4: cfg.outbound_if4.clone(),
+            outbound_if6: cfg.outbound_if6.clone(),
+            max_flows: crate::flow::DEFAULT_CAPACITY,
+        });
+    }
     let mut conn: Option<StreamTap> = None;
     let mut conn_out_watched = false;
     let (listener, single) = match guest {
@@ -298,7 +313,19 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
                         engine.icmp_sock_ready(idx, &mut crate::tap::Discard);
                     }
                 }
+                Some(Token::TcpSock(idx)) => match conn.as_mut() {
+                    Some(tap) => engine.tcp_sock_ready(idx, flags, tap.to_guest()),
+                    None => engine.tcp_sock_ready(idx, flags, &mut crate::tap::Discard),
+                },
                 None => log::debug!("event with an unknown token {ev_data:#x}"),
+            }
+        }
+
+        // TCP timers, before the flush so what they send goes out with this batch.
+        if now.duration_since(last_periodic) >= PERIODIC {
+            match conn.as_mut() {
+                Some(tap) => engine.tcp_timer(now, tap.to_guest()),
+                None => engine.tcp_timer(now, &mut crate::tap::Discard),
             }
         }
 
@@ -367,6 +394,7 @@ mod tests {
             Token::Listener,
             Token::TapConn,
             Token::IcmpSock(IcmpFlowIdx(1023)),
+            Token::TcpSock(FlowIdx((1 << 24) - 1)),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

@@ -6,6 +6,8 @@
 //! - [`event`]: the epoll loop.
 //! - [`engine`]: what happens to each guest frame.
 //! - [`l2`]: ARP, DHCP, NDP, DHCPv6: frames in, reply frames out.
+//! - [`flow`]: the flow table shared by the layer-4 translations.
+//! - [`tcp`]: TCP translation to host sockets.
 //! - [`icmp`]: ICMP/ICMPv6 echo through ping sockets.
 //! - [`tap`]: frames to and from the guest, over vhost-user or the stream socket.
 //! - [`wire`]: headers of frames we build.
@@ -14,10 +16,12 @@ pub mod conf;
 pub mod daemon;
 pub mod engine;
 pub mod event;
+pub mod flow;
 pub mod icmp;
 pub mod l2;
 pub mod logger;
 pub mod tap;
+pub mod tcp;
 pub mod wire;
 
 /// An error and its causes, one line: "what failed: why: deeper why".
