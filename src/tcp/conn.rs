@@ -378,6 +378,11 @@ impl Conn {
                 all_taken = n == data.len();
             }
         }
+        if len == 0 && !seg.fin && seq_diff(seg.seq, self.seq_from_tap) < 0 {
+            // Keepalive or zero-window probe (an old sequence number): answer with our
+            // current ACK and window.
+            ack_needed = true;
+        }
         if seg.fin {
             ack_needed = true;
             let fin_seq = seg.seq.wrapping_add(len as u32);
@@ -1226,6 +1231,26 @@ pub(crate) mod tests {
         });
         assert_eq!(v, Verdict::Close);
         assert_eq!(t.take()[0].ack, s.wrapping_add(1));
+    }
+
+    #[test]
+    fn keepalive_and_window_probes_are_answered() {
+        let mut t = established();
+        let s = guest_seq(&t);
+        t.seg(Seg {
+            ack: Some(ISN + 1),
+            ..data(s.wrapping_sub(1), &[])
+        });
+        let g = t.take();
+        assert_eq!(g.len(), 1);
+        assert_eq!((g[0].flags, g[0].ack), (flag::ACK, s));
+        // With one garbage byte, as some stacks send it: nothing reaches the socket.
+        t.seg(Seg {
+            ack: Some(ISN + 1),
+            ..data(s.wrapping_sub(1), b"x")
+        });
+        assert_eq!(t.take()[0].ack, s);
+        assert!(t.sock.sent.is_empty());
     }
 
     #[test]
