@@ -391,10 +391,10 @@ fn guest_rst_resets_the_peer() {
     g.send_all(b"some data first");
     let rst = g.seg(F::RST | F::ACK, g.snd_nxt, &[]);
     g.send(&rst);
-    let st = wait_child(&mut child, "socat");
-    assert!(!st.success(), "socat saw no reset: {}", out.text());
+    // socat reports the reset and exits (with status 0 all the same).
+    wait_child(&mut child, "socat");
     assert!(
-        out.text().contains("reset"),
+        out.text().contains("Connection reset by peer"),
         "socat saw no reset: {}",
         out.text()
     );
@@ -442,19 +442,23 @@ fn peer_reset_reaches_the_guest_and_unknown_flows_get_rst() {
             "TCP4-LISTEN:5005,reuseaddr,linger=0",
         ],
     );
-    let mut g = Guest::connect(
+    // The reset may come before or after the SYN-ACK, as the kernel reports it.
+    match Guest::connect(
         &mut c,
         netns::HOST_V4.into(),
         netns::REMOTE_V4.into(),
         45000,
         5005,
-    )
-    .unwrap_or_else(|s| panic!("connect: {s:?}\n{}", passt.log()));
-    let deadline = Instant::now() + T;
-    while !g.rst_rcvd {
-        assert!(Instant::now() < deadline, "no RST after the peer reset");
-        if let Some(s) = g.next(T) {
-            g.handle(&s);
+    ) {
+        Err(s) => assert_eq!(s.flags & F::RST, F::RST, "{s:?}\n{}", passt.log()),
+        Ok(mut g) => {
+            let deadline = Instant::now() + T;
+            while !g.rst_rcvd {
+                assert!(Instant::now() < deadline, "no RST after the peer reset");
+                if let Some(s) = g.next(T) {
+                    g.handle(&s);
+                }
+            }
         }
     }
 }
