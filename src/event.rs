@@ -381,6 +381,9 @@ fn log_stats(engine: &Engine) {
     if let Some(icmp) = engine.icmp_stats() {
         log::debug!("icmp counters: {icmp:?}");
     }
+    if let Some(tcp) = engine.tcp_stats() {
+        log::debug!("tcp counters: {tcp:?}");
+    }
 }
 
 #[cfg(test)]
