@@ -29,11 +29,12 @@ fn ours() -> PathBuf {
 
 fn start(topo: &Topology) -> (Passt, StreamClient) {
     let sock = topo.dir().join("passt.socket");
+    // In the foreground with debug output, so tests can wait for what it logs.
     let passt = Passt::start(
         topo,
         &ours(),
-        &["-s", sock.to_str().unwrap(), "--one-off", "-d"],
-        Ready::Daemon,
+        &["-f", "-d", "-s", sock.to_str().unwrap(), "--one-off"],
+        Ready::Line("UNIX domain socket bound at".into()),
     );
     let c = StreamClient::connect(&sock);
     (passt, c)
@@ -284,6 +285,7 @@ fn one_mib_guest_to_peer_guest_fin_first() {
     let topo = Topology::new();
     let (passt, mut c) = start(&topo);
     let data = pattern(MIB, 1);
+    let mut closed_at = 0;
     for (i, (src, dst, fam)) in pairs().into_iter().enumerate() {
         let file = topo.dir().join(format!("recv{i}.bin"));
         let (mut child, out) = socat(
@@ -306,6 +308,11 @@ fn one_mib_guest_to_peer_guest_fin_first() {
         let got = std::fs::read(&file).unwrap();
         assert_eq!(got.len(), data.len());
         assert!(got == data, "content differs ({fam})");
+        // Both FINs exchanged and acknowledged: the flow is freed (slot 0 again each time).
+        closed_at = passt
+            .output()
+            .wait_for(closed_at, "tcp: flow 0 closed", Instant::now() + T)
+            .unwrap_or_else(|e| panic!("flow not freed ({e:?}):\n{}", passt.log()));
     }
 }
 
@@ -396,6 +403,10 @@ fn guest_rst_resets_the_peer() {
     out.wait_for(0, "Connection reset by peer", Instant::now() + T)
         .unwrap_or_else(|e| panic!("socat saw no reset ({e:?}): {}", out.text()));
     wait_child(&mut child, "socat");
+    passt
+        .output()
+        .wait_for(0, "tcp: flow 0 reset", Instant::now() + T)
+        .unwrap_or_else(|e| panic!("flow not reset ({e:?}):\n{}", passt.log()));
     // The flow is gone: anything more on it gets a RST back.
     let again = g.seg(F::ACK | F::PSH, g.snd_nxt, b"late");
     g.send(&again);
