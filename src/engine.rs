@@ -6,16 +6,19 @@
 //! frames) and the layer-4 state; the event loop owns the sockets' epoll registrations and
 //! the guest back-end, and lends them for each call.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use crate::conf::NetConfig;
 use crate::event::EpollRegistrar;
+use crate::flow::FlowIdx;
 use crate::icmp::{Icmp, IcmpFlowIdx};
 use crate::l2::{self, Verdict, REPLY_BUF_LEN};
 use crate::logger::Limiter;
 use crate::tap::{FrameHandler, ToGuest};
+use crate::tcp::{Macs, Tcp, TcpConfig};
 
 const DHCP_SERVER_PORT: u16 = 67;
 const DHCPV6_SERVER_PORT: u16 = 547;
@@ -34,6 +37,7 @@ pub struct EngineStats {
     pub ndp: u64,
     pub dhcpv6: u64,
     pub icmp: u64,
+    pub tcp: u64,
     /// Truncated, inconsistent, or with a bad checksum.
     pub malformed: u64,
     /// Well-formed, but of a kind we don't translate (yet): other ethertypes, protocols.
@@ -47,6 +51,7 @@ pub struct Engine {
     net: NetConfig,
     guest_mac: [u8; 6],
     icmp: Option<Icmp>,
+    tcp: Option<Box<Tcp>>,
     reply: Box<[u8]>,
     registrar: EpollRegistrar,
     now: Instant,
@@ -60,6 +65,7 @@ impl Engine {
             net,
             guest_mac: [0xff; 6],
             icmp: icmp.then(Icmp::new),
+            tcp: None,
             reply: vec![0u8; REPLY_BUF_LEN].into_boxed_slice(),
             registrar,
             now: Instant::now(),
@@ -75,6 +81,58 @@ impl Engine {
     pub fn icmp_stats(&self) -> Option<crate::icmp::IcmpStats> {
         self.icmp.as_ref().map(Icmp::stats)
     }
+
+    // --- TCP (passt-rs TCP slice) ---
+
+    /// Turns TCP translation on.
+    pub fn enable_tcp(&mut self, cfg: TcpConfig) {
+        self.tcp = Some(Box::new(Tcp::new(cfg)));
+    }
+
+    pub fn tcp_stats(&self) -> Option<crate::tcp::TcpStats> {
+        self.tcp.as_ref().map(|t| t.stats())
+    }
+
+    fn macs(&self) -> Macs {
+        Macs {
+            guest: self.guest_mac,
+            ours: self.net.our_mac,
+        }
+    }
+
+    /// A TCP flow's socket reported `events`.
+    pub fn tcp_sock_ready(
+        &mut self,
+        idx: FlowIdx,
+        events: epoll::Events,
+        to_guest: &mut dyn ToGuest,
+    ) {
+        let macs = self.macs();
+        if let Some(tcp) = self.tcp.as_mut() {
+            tcp.sock_ready(idx, events, self.now, macs, to_guest);
+        }
+    }
+
+    /// TCP timers: retransmissions, window updates, timeouts.
+    pub fn tcp_timer(&mut self, now: Instant, to_guest: &mut dyn ToGuest) {
+        let macs = self.macs();
+        if let Some(tcp) = self.tcp.as_mut() {
+            tcp.timer(now, macs, to_guest);
+        }
+    }
+
+    fn tcp_segment(&mut self, src: IpAddr, dst: IpAddr, l4: &[u8], to_guest: &mut dyn ToGuest) {
+        let macs = self.macs();
+        match self.tcp.as_mut() {
+            Some(tcp) => {
+                self.stats.tcp += 1;
+                tcp.from_guest(src, dst, l4, self.now, macs, &mut self.registrar, to_guest);
+            }
+            None => self.stats.unsupported += 1,
+        }
+    }
+
+    // --- end TCP ---
 
     /// Sets the time for the frames of the batch about to be handled.
     pub fn set_now(&mut self, now: Instant) {
@@ -154,6 +212,12 @@ impl Engine {
                     self.stats.unsupported += 1;
                 }
             }
+            IpProtocol::Tcp => self.tcp_segment(
+                IpAddr::V4(pkt.src_addr()),
+                IpAddr::V4(pkt.dst_addr()),
+                pkt.payload(),
+                to_guest,
+            ),
             _ => self.stats.unsupported += 1,
         }
     }
@@ -189,6 +253,12 @@ impl Engine {
                 let v = l2::dhcpv6::handle(&self.net, frame, &mut self.reply);
                 self.service(v, to_guest);
             }
+            IpProtocol::Tcp => self.tcp_segment(
+                IpAddr::V6(pkt.src_addr()),
+                IpAddr::V6(pkt.dst_addr()),
+                pkt.payload(),
+                to_guest,
+            ),
             _ => self.stats.unsupported += 1,
         }
     }

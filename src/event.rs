@@ -14,6 +14,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::conf::{Config, Mode};
 use crate::engine::Engine;
+use crate::flow::FlowIdx;
 use crate::icmp::IcmpFlowIdx;
 use crate::tap::stream::{StreamEvent, StreamTap};
 use crate::tap::{Discard, ToGuest};
@@ -33,6 +34,7 @@ pub enum Token {
     VhostCtrl,
     VhostKick(QueueIdx),
     IcmpSock(IcmpFlowIdx),
+    TcpSock(FlowIdx),
 }
 
 impl Token {
@@ -46,6 +48,7 @@ impl Token {
             Token::IcmpSock(i) => (4, u64::from(i.0)),
             Token::VhostCtrl => (5, 0),
             Token::VhostKick(q) => (6, u64::from(q.0)),
+            Token::TcpSock(i) => (7, u64::from(i.0)),
         };
         kind << Self::SHIFT | idx
     }
@@ -59,6 +62,7 @@ impl Token {
             4 => Token::IcmpSock(IcmpFlowIdx(idx)),
             5 => Token::VhostCtrl,
             6 => Token::VhostKick(QueueIdx(idx as u16)),
+            7 => Token::TcpSock(FlowIdx(idx)),
             _ => return None,
         })
     }
@@ -228,13 +232,23 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
         epoll::Events::EPOLLIN,
         Token::Signal,
     )?;
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         cfg.net.clone(),
         cfg.icmp,
         EpollRegistrar {
             epoll_fd: epoll.0.as_raw_fd(),
         },
     );
+    if cfg.tcp {
+        engine.enable_tcp(crate::tcp::TcpConfig {
+            mtu: cfg.net.mtu,
+            outbound4: cfg.outbound4,
+            outbound6: cfg.outbound6,
+            outbound_if4: cfg.outbound_if4.clone(),
+            outbound_if6: cfg.outbound_if6.clone(),
+            max_flows: crate::flow::DEFAULT_CAPACITY,
+        });
+    }
     let link = match cfg.mode {
         Mode::Stream => Link::Stream {
             tap: None,
@@ -302,6 +316,12 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
                 Some(Token::TapConn) => lp.stream_ready(flags),
                 Some(Token::VhostCtrl) => lp.vhost_ready(Source::Control)?,
                 Some(Token::VhostKick(q)) => lp.vhost_ready(Source::Kick(q))?,
+                Some(Token::TcpSock(idx)) => {
+                    let to_guest = lp.link.guest_side();
+                    lp.engine
+                        .tcp_sock_ready(idx, flags, to_guest.unwrap_or(&mut Discard));
+                    None
+                }
                 Some(Token::IcmpSock(idx)) => {
                     lp.engine
                         .icmp_sock_ready(idx, lp.link.guest_side().unwrap_or(&mut Discard));
@@ -316,11 +336,14 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
                 return Ok(exit);
             }
         }
-        lp.after_batch();
+        // Timers before the flush, so what they send leaves with this batch.
         if now.duration_since(last_periodic) >= PERIODIC {
             last_periodic = now;
             lp.engine.periodic(now);
+            lp.engine
+                .tcp_timer(now, lp.link.guest_side().unwrap_or(&mut Discard));
         }
+        lp.after_batch();
     }
 }
 
@@ -400,6 +423,9 @@ impl Loop {
         log::debug!("engine counters: {:?}", self.engine.stats());
         if let Some(icmp) = self.engine.icmp_stats() {
             log::debug!("icmp counters: {icmp:?}");
+        }
+        if let Some(tcp) = self.engine.tcp_stats() {
+            log::debug!("tcp counters: {tcp:?}");
         }
         if self.exit_when_gone {
             return Some(Exit::ClientGone);
@@ -519,6 +545,9 @@ mod tests {
             Token::Listener,
             Token::TapConn,
             Token::IcmpSock(IcmpFlowIdx(1023)),
+            Token::VhostCtrl,
+            Token::VhostKick(QueueIdx(1)),
+            Token::TcpSock(FlowIdx((1 << 24) - 1)),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

@@ -6,6 +6,8 @@
 //! - [`event`]: the epoll loop.
 //! - [`engine`]: what happens to each guest frame.
 //! - [`l2`]: ARP, DHCP, NDP, DHCPv6: frames in, reply frames out.
+//! - [`flow`]: the flow table shared by the layer-4 translations.
+//! - [`tcp`]: TCP translation to host sockets.
 //! - [`icmp`]: ICMP/ICMPv6 echo through ping sockets.
 //! - [`tap`]: frames to and from the guest, over vhost-user or the stream socket.
 //! - [`vhost_user`]: the vhost-user-net device: control socket, memory table, rings.
@@ -16,10 +18,12 @@ pub mod conf;
 pub mod daemon;
 pub mod engine;
 pub mod event;
+pub mod flow;
 pub mod icmp;
 pub mod l2;
 pub mod logger;
 pub mod tap;
+pub mod tcp;
 pub mod vhost_user;
 pub mod virtio;
 pub mod wire;

@@ -304,3 +304,187 @@ impl StreamClient {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// TCP segments (tests/tcp.rs): builders and a parser for the guest side of a connection.
+// ---------------------------------------------------------------------------------------
+
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+}
+
+/// One TCP segment, as the guest sends or receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSeg {
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub wnd: u16,
+    /// MSS and window scale options, if present.
+    pub mss: Option<u16>,
+    pub ws: Option<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// A guest frame carrying `s` (options: MSS and window scale as given), complete checksums.
+pub fn tcp_frame(s: &TcpSeg) -> Vec<u8> {
+    let mut opts = Vec::new();
+    if let Some(m) = s.mss {
+        opts.extend([2, 4]);
+        opts.extend(m.to_be_bytes());
+    }
+    if let Some(w) = s.ws {
+        opts.extend([1, 3, 3, w]);
+    }
+    while opts.len() % 4 != 0 {
+        opts.push(1);
+    }
+    let hlen = 20 + opts.len();
+    let mut t = vec![0u8; hlen];
+    t[0..2].copy_from_slice(&s.sport.to_be_bytes());
+    t[2..4].copy_from_slice(&s.dport.to_be_bytes());
+    t[4..8].copy_from_slice(&s.seq.to_be_bytes());
+    t[8..12].copy_from_slice(&s.ack.to_be_bytes());
+    t[12] = ((hlen / 4) as u8) << 4;
+    t[13] = s.flags;
+    t[14..16].copy_from_slice(&s.wnd.to_be_bytes());
+    t[20..].copy_from_slice(&opts);
+    t.extend_from_slice(&s.payload);
+    let len = t.len() as u32;
+    let pseudo = match (s.src, s.dst) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+            checksum::pseudo_header_v4(&a, &b, IpProtocol::Tcp, len)
+        }
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
+            checksum::pseudo_header_v6(&a, &b, IpProtocol::Tcp, len)
+        }
+        _ => panic!("mixed families"),
+    };
+    let sum = !checksum::combine(&[pseudo, checksum::data(&t)]);
+    t[16..18].copy_from_slice(&sum.to_be_bytes());
+    match (s.src, s.dst) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => ipv4(a, b, IpProtocol::Tcp, &t),
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => ipv6(a, b, IpProtocol::Tcp, 64, &t),
+        _ => unreachable!(),
+    }
+}
+
+/// The TCP segment in a frame from passt, if it is one; panics on a bad IPv4 header or TCP
+/// checksum (passt must send complete checksums).
+pub fn parse_tcp(frame: &[u8]) -> Option<TcpSeg> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let (src, dst, l4): (std::net::IpAddr, std::net::IpAddr, &[u8]) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(&frame[14..]).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            assert!(ip.verify_checksum(), "IPv4 header checksum");
+            let (s, d) = (ip.src_addr(), ip.dst_addr());
+            let hl = ip.header_len() as usize;
+            let tl = ip.total_len() as usize;
+            (s.into(), d.into(), &frame[14 + hl..14 + tl])
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(&frame[14..]).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let pl = ip.payload_len() as usize;
+            (
+                ip.src_addr().into(),
+                ip.dst_addr().into(),
+                &frame[54..54 + pl],
+            )
+        }
+        _ => return None,
+    };
+    let pseudo = match (src, dst) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+            checksum::pseudo_header_v4(&a, &b, IpProtocol::Tcp, l4.len() as u32)
+        }
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
+            checksum::pseudo_header_v6(&a, &b, IpProtocol::Tcp, l4.len() as u32)
+        }
+        _ => panic!("mixed families"),
+    };
+    assert_eq!(
+        !checksum::combine(&[pseudo, checksum::data(l4)]),
+        0,
+        "TCP checksum of a segment from passt"
+    );
+    let hlen = usize::from(l4[12] >> 4) * 4;
+    let (mut mss, mut ws) = (None, None);
+    let mut o = &l4[20..hlen];
+    while let Some(&kind) = o.first() {
+        match kind {
+            0 => break,
+            1 => o = &o[1..],
+            _ => {
+                let len = usize::from(*o.get(1)?);
+                if len < 2 || len > o.len() {
+                    break;
+                }
+                if kind == 2 && len == 4 {
+                    mss = Some(u16::from_be_bytes([o[2], o[3]]));
+                }
+                if kind == 3 && len == 3 {
+                    ws = Some(o[2]);
+                }
+                o = &o[len..];
+            }
+        }
+    }
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Some(TcpSeg {
+        src,
+        dst,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        seq: be32(&l4[4..8]),
+        ack: be32(&l4[8..12]),
+        flags: l4[13],
+        wnd: u16::from_be_bytes([l4[14], l4[15]]),
+        mss,
+        ws,
+        payload: l4[hlen..].to_vec(),
+    })
+}
+
+impl StreamClient {
+    /// The next frame within `timeout`, `None` if none came (or the connection closed).
+    pub fn try_recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if self.buf.len() >= 4 + len {
+                    let frame = self.buf[4..4 + len].to_vec();
+                    self.buf.drain(..4 + len);
+                    return Some(frame);
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.sock.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The flow table: every translated layer-4 conversation between the guest and a host
+//! socket, under one index, whatever its protocol. TCP uses it now; UDP and ICMP are meant
+//! to move onto it.
+//!
+//! # Invariants
+//! - **Fixed capacity.** The table never holds more than `capacity` flows; inserting into a
+//!   full table fails and hands the value back, so the caller refuses the new conversation
+//!   (a SYN flood fills the table to its bound and no further).
+//! - **Lazy storage.** Slots are allocated as the table grows, never shrunk: a mostly idle
+//!   process with a large capacity costs little, and a busy one stops allocating once its
+//!   high-water mark is reached (no allocation per packet, only per new high-water flow).
+//! - **One index.** A flow's [`FlowIdx`] is its slot; the slot is the only owner of the
+//!   flow's state and the key map is the only index, updated in the same call as the slot,
+//!   so the two can't drift. Indices are reused (most recently freed first) once a flow is
+//!   removed: whoever holds an index (an epoll token) must drop it when the flow goes, which
+//!   closing the flow's socket does for epoll.
+//! - **O(1) lookup** by [`FlowKey`] (protocol, guest address and port, remote address and
+//!   port), through a hash map with the standard library's keyed SipHash, so a guest can't
+//!   pick colliding tuples.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+/// A flow's slot in its table, carried in epoll tokens so a socket event names its flow
+/// without a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowIdx(pub u32);
+
+/// Largest index a token can carry (the token keeps the top byte for its kind).
+pub const MAX_CAPACITY: usize = 1 << 24;
+
+/// Default capacity of a protocol's table (issue 4: 128k flows).
+pub const DEFAULT_CAPACITY: usize = 128 * 1024;
+
+/// What identifies a flow, as the guest sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// IP protocol number (6 for TCP, 17 for UDP...).
+    pub proto: u8,
+    pub guest_addr: IpAddr,
+    pub guest_port: u16,
+    pub remote_addr: IpAddr,
+    pub remote_port: u16,
+}
+
+struct Entry<T> {
+    key: FlowKey,
+    value: T,
+}
+
+/// A bounded table of flows of one kind, `T` being the per-flow state.
+pub struct FlowTable<T> {
+    slots: Vec<Option<Entry<T>>>,
+    free: Vec<u32>,
+    index: HashMap<FlowKey, FlowIdx>,
+    capacity: usize,
+}
+
+impl<T> FlowTable<T> {
+    /// An empty table for at most `capacity` flows (clamped to [`MAX_CAPACITY`]).
+    pub fn new(capacity: usize) -> Self {
+        FlowTable {
+            slots: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::new(),
+            capacity: capacity.min(MAX_CAPACITY),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.capacity
+    }
+
+    pub fn lookup(&self, key: &FlowKey) -> Option<FlowIdx> {
+        self.index.get(key).copied()
+    }
+
+    /// Adds a flow; `Err(value)` if the table is full or the key is already there.
+    pub fn insert(&mut self, key: FlowKey, value: T) -> Result<FlowIdx, T> {
+        if self.is_full() || self.index.contains_key(&key) {
+            return Err(value);
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.slots[slot as usize] = Some(Entry { key, value });
+        let idx = FlowIdx(slot);
+        self.index.insert(key, idx);
+        Ok(idx)
+    }
+
+    pub fn get(&self, idx: FlowIdx) -> Option<&T> {
+        self.slots.get(idx.0 as usize)?.as_ref().map(|e| &e.value)
+    }
+
+    pub fn get_mut(&mut self, idx: FlowIdx) -> Option<&mut T> {
+        self.slots
+            .get_mut(idx.0 as usize)?
+            .as_mut()
+            .map(|e| &mut e.value)
+    }
+
+    pub fn key(&self, idx: FlowIdx) -> Option<&FlowKey> {
+        self.slots.get(idx.0 as usize)?.as_ref().map(|e| &e.key)
+    }
+
+    /// Removes a flow, returning its state; its index may be handed out again.
+    pub fn remove(&mut self, idx: FlowIdx) -> Option<T> {
+        let e = self.slots.get_mut(idx.0 as usize)?.take()?;
+        self.index.remove(&e.key);
+        self.free.push(idx.0);
+        Some(e.value)
+    }
+
+    /// Indices of the flows in use, for scans (timers, expiry). Allocation-free; the
+    /// caller collects nothing and looks each index up again.
+    pub fn indices(&self) -> impl Iterator<Item = FlowIdx> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_some())
+            .map(|(i, _)| FlowIdx(i as u32))
+    }
+
+    /// Upper bound (exclusive) of indices in use: scans can walk `0..high_water()` and
+    /// mutate as they go, where [`Self::indices`] would hold a borrow.
+    pub fn high_water(&self) -> u32 {
+        self.slots.len() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            proto: 6,
+            guest_addr: "192.0.2.2".parse().unwrap(),
+            guest_port: port,
+            remote_addr: "198.51.100.1".parse().unwrap(),
+            remote_port: 80,
+        }
+    }
+
+    #[test]
+    fn bounded_and_reuses_slots() {
+        let mut t = FlowTable::new(3);
+        let a = t.insert(key(1), 'a').unwrap();
+        let b = t.insert(key(2), 'b').unwrap();
+        assert_eq!(t.insert(key(2), 'x'), Err('x'), "duplicate key");
+        let c = t.insert(key(3), 'c').unwrap();
+        assert!(t.is_full());
+        assert_eq!(t.insert(key(4), 'd'), Err('d'));
+        assert_eq!(t.lookup(&key(2)), Some(b));
+        assert_eq!(t.remove(b), Some('b'));
+        assert_eq!(t.remove(b), None);
+        assert_eq!(t.lookup(&key(2)), None);
+        let d = t.insert(key(4), 'd').unwrap();
+        assert_eq!(d, b, "freed slot reused");
+        assert_eq!(t.get(d), Some(&'d'));
+        assert_eq!(t.key(d), Some(&key(4)));
+        assert_eq!(t.indices().collect::<Vec<_>>(), vec![a, b, c]);
+        assert_eq!(t.high_water(), 3);
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn capacity_is_clamped_to_what_tokens_carry() {
+        let t: FlowTable<()> = FlowTable::new(usize::MAX);
+        assert_eq!(t.capacity(), MAX_CAPACITY);
+        assert!(t.get(FlowIdx(u32::MAX)).is_none());
+    }
+}

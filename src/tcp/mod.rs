@@ -1,0 +1,713 @@
+//! TCP translation between the guest and host sockets, without a TCP stack of our own.
+//!
+//! # Theory of operation
+//! The host kernel's socket does the real TCP work towards the remote end: congestion
+//! control, its own retransmissions, buffering. Towards the guest, we only have to look
+//! like a TCP peer on a loss-free link: we map the guest's segments to socket calls, and the
+//! socket's events to segments for the guest.
+//!
+//! This slice handles **outbound** connections (the guest connects out):
+//! 1. Guest SYN for an unknown 4-tuple: a flow is inserted in the [`FlowTable`], a
+//!    non-blocking socket is opened (bound to `-o`/`--outbound-if*` if configured) and
+//!    `connect()` starts. Its epoll token carries the flow's index.
+//! 2. The socket becomes writable (connected): SYN-ACK to the guest, with our MSS (what
+//!    fits the guest's link) and a window scale if the guest offered one. If it fails
+//!    instead: RST to the guest, flow freed.
+//! 3. Guest data: `send()` on the socket; the ACK to the guest covers only what the kernel
+//!    took (the guest retransmits the rest), and the window we show is the free space of
+//!    the socket's send buffer.
+//! 4. Socket data: peeked (`MSG_PEEK`) at the offset of what is already in flight to the
+//!    guest, cut to the guest's MSS, sent as far as the guest's (scaled) window allows.
+//!    Bytes leave the socket only when the guest acknowledges them, so a retransmission
+//!    (on timeout, or on three duplicate ACKs) is a peek again from the acknowledged
+//!    point ("go back N", which is all a virtual link needs).
+//! 5. Guest FIN: `shutdown(SHUT_WR)`. End of stream on the socket: FIN to the guest. Either
+//!    may come first (half-close). The flow is freed when the guest's FIN is in and ours is
+//!    acknowledged. Guest RST: the socket is closed with `SO_LINGER` 0 (RST to the peer);
+//!    a socket error: RST to the guest.
+//! 6. Timers run from the loop's periodic tick ([`Tcp::timer`], one-second granularity,
+//!    which is also the initial retransmission timeout): retransmission with backoff,
+//!    window updates, [`conn::ACT_TIMEOUT`] idle and [`conn::FIN_TIMEOUT`] half-closed
+//!    timeouts.
+//!
+//! Bad input: segments with a bad checksum, truncated headers, or impossible flag sets
+//! (SYN+FIN, SYN+RST...) are dropped and counted. A segment for an unknown flow gets a RST
+//! as a host would send (none for a RST). When the table is full, a new SYN gets a RST and a
+//! rate-limited log line.
+//!
+//! Per connection state is a set of events ([`conn::ev`]); the logic is in [`conn`] and does
+//! no I/O itself, the socket side is in [`sock`].
+//!
+//! # Glossary
+//! - `seq_to_tap`: next sequence number we send to the guest.
+//! - `seq_ack_from_tap`: the guest's cumulative ACK; the socket's unconsumed data starts
+//!   there.
+//! - `seq_from_tap`: next sequence number expected from the guest (what we ACK).
+//! - `wnd_from_tap`: the guest's receive window in bytes, after scaling.
+//!
+//! Not yet: inbound (`-t`) forwarding, vhost-user zero-copy send, traffic to the host's
+//! loopback through the gateway address.
+
+pub mod conn;
+pub mod sock;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{IpAddress, TcpControl as Control, TcpPacket, TcpRepr};
+
+use crate::event::{Register, Token};
+use crate::flow::{FlowIdx, FlowKey, FlowTable};
+use crate::logger::Limiter;
+use crate::tap::ToGuest;
+use crate::wire;
+
+use conn::{flag, Conn, Ends, Header, Out, Seg, SockOps, Verdict};
+pub use sock::HostSock;
+
+/// IP protocol number of TCP, in flow keys.
+const PROTO_TCP: u8 = 6;
+/// Scratch for data peeked from a socket, per call.
+const PEEK_BUF: usize = 1 << 20;
+/// Largest IP packet a frame may carry (the stream protocol's 65535-byte frame limit).
+const MAX_IP_PACKET: usize = 65535 - wire::ETH_HLEN;
+
+/// What the TCP translation needs from the configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// The guest's MTU (`None`: the largest frame).
+    pub mtu: Option<u16>,
+    pub outbound4: Option<Ipv4Addr>,
+    pub outbound6: Option<Ipv6Addr>,
+    pub outbound_if4: Option<String>,
+    pub outbound_if6: Option<String>,
+    /// Flow table capacity.
+    pub max_flows: usize,
+}
+
+/// Counters of the TCP translation.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TcpStats {
+    pub segments: u64,
+    /// Bad checksum, truncated, bad flags.
+    pub malformed: u64,
+    pub rst_unknown: u64,
+    pub opened: u64,
+    pub refused_full: u64,
+    pub connect_failed: u64,
+    pub closed: u64,
+    pub aborted: u64,
+}
+
+/// The host socket type, as [`Tcp`] opens and closes it (a fake one in tests).
+pub trait Socket: SockOps + Sized {
+    fn connect(remote: SocketAddr, bind: Option<IpAddr>, bind_if: Option<&str>)
+        -> io::Result<Self>;
+    fn raw_fd(&self) -> RawFd;
+    fn note_events(&mut self, rdhup: bool);
+    /// Closes with a RST to the peer.
+    fn abort(self);
+}
+
+impl Socket for HostSock {
+    fn connect(
+        remote: SocketAddr,
+        bind: Option<IpAddr>,
+        bind_if: Option<&str>,
+    ) -> io::Result<Self> {
+        HostSock::connect(remote, bind, bind_if)
+    }
+    fn raw_fd(&self) -> RawFd {
+        HostSock::raw_fd(self)
+    }
+    fn note_events(&mut self, rdhup: bool) {
+        HostSock::note_events(self, rdhup)
+    }
+    fn abort(self) {
+        HostSock::abort(self)
+    }
+}
+
+struct Flow<S> {
+    conn: Conn,
+    sock: S,
+}
+
+/// The guest's MACs as segments to it carry them.
+#[derive(Debug, Clone, Copy)]
+pub struct Macs {
+    pub guest: [u8; 6],
+    pub ours: [u8; 6],
+}
+
+/// All TCP flows and what they share.
+pub struct Tcp<S: Socket = HostSock> {
+    table: FlowTable<Flow<S>>,
+    cfg: TcpConfig,
+    buf: Box<[u8]>,
+    stats: TcpStats,
+    log_limit: Limiter,
+    isn_key: u64,
+}
+
+impl<S: Socket> Tcp<S> {
+    pub fn new(cfg: TcpConfig) -> Self {
+        let mut key = [0u8; 8];
+        // SAFETY: getrandom writes at most key.len() bytes into key.
+        let got = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
+        let isn_key = if got == 8 {
+            u64::from_ne_bytes(key)
+        } else {
+            // Predictable sequence numbers only matter against off-path attackers, and the
+            // guest link has none; the time is good enough.
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0x5eed)
+        };
+        Tcp {
+            table: FlowTable::new(cfg.max_flows),
+            cfg,
+            buf: vec![0; PEEK_BUF].into_boxed_slice(),
+            stats: TcpStats::default(),
+            log_limit: Limiter::new(),
+            isn_key,
+        }
+    }
+
+    pub fn stats(&self) -> TcpStats {
+        self.stats
+    }
+
+    pub fn active_flows(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Largest segment that fits the guest's link, for this family.
+    fn mss_link(&self, v6: bool) -> u16 {
+        let ip_hlen = if v6 { wire::IPV6_HLEN } else { wire::IPV4_HLEN };
+        let mtu = self
+            .cfg
+            .mtu
+            .map(usize::from)
+            .unwrap_or(MAX_IP_PACKET)
+            .min(MAX_IP_PACKET);
+        mtu.saturating_sub(ip_hlen + conn::TCP_HLEN)
+            .clamp(536, 65535) as u16
+    }
+
+    fn isn(&self, key: &FlowKey) -> u32 {
+        // RFC 6528: a keyed hash of the tuple plus a 4 µs clock.
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.isn_key.hash(&mut h);
+        key.hash(&mut h);
+        let ticks = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| (d.as_nanos() >> 12) as u32)
+            .unwrap_or(0);
+        (h.finish() as u32).wrapping_add(ticks)
+    }
+
+    /// A TCP segment from the guest (`l4` starts at the TCP header; `src`, `dst` are the IP
+    /// addresses of its packet).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_guest(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        l4: &[u8],
+        now: Instant,
+        macs: Macs,
+        reg: &mut dyn Register,
+        to_guest: &mut dyn ToGuest,
+    ) {
+        self.stats.segments += 1;
+        let Ok(pkt) = TcpPacket::new_checked(l4) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let caps = ChecksumCapabilities::default();
+        let Ok(repr) = TcpRepr::parse(&pkt, &IpAddress::from(src), &IpAddress::from(dst), &caps)
+        else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if !wire::is_unicast(dst) || !wire::is_unicast(src) {
+            self.stats.malformed += 1;
+            return;
+        }
+        let seg = Seg {
+            seq: repr.seq_number.0 as u32,
+            ack: repr.ack_number.map(|a| a.0 as u32),
+            syn: repr.control == Control::Syn,
+            fin: repr.control == Control::Fin,
+            rst: repr.control == Control::Rst,
+            wnd: repr.window_len,
+            mss: repr.max_seg_size,
+            ws: repr.window_scale,
+            payload: repr.payload,
+        };
+        let key = FlowKey {
+            proto: PROTO_TCP,
+            guest_addr: src,
+            guest_port: repr.src_port,
+            remote_addr: dst,
+            remote_port: repr.dst_port,
+        };
+        let ends = Ends {
+            guest: (src, repr.src_port),
+            remote: (dst, repr.dst_port),
+        };
+        match self.table.lookup(&key) {
+            Some(idx) => {
+                let Tcp { table, buf, .. } = self;
+                let Some(flow) = table.get_mut(idx) else {
+                    return;
+                };
+                let mut out = Out {
+                    to_guest,
+                    guest_mac: macs.guest,
+                    our_mac: macs.ours,
+                    buf,
+                };
+                let v = flow.conn.tap_segment(&seg, now, &mut flow.sock, &mut out);
+                self.finish(idx, v);
+            }
+            None if seg.syn && seg.ack.is_none() => {
+                self.open(key, ends, &seg, now, macs, reg, to_guest)
+            }
+            None => {
+                if !seg.rst {
+                    self.stats.rst_unknown += 1;
+                    rst_for(&seg, ends, macs, to_guest);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open(
+        &mut self,
+        key: FlowKey,
+        ends: Ends,
+        syn: &Seg,
+        now: Instant,
+        macs: Macs,
+        reg: &mut dyn Register,
+        to_guest: &mut dyn ToGuest,
+    ) {
+        if self.table.is_full() {
+            self.stats.refused_full += 1;
+            crate::limited!(
+                self.log_limit,
+                now,
+                warn,
+                "tcp: flow table full ({} flows), refusing new connections",
+                self.table.capacity()
+            );
+            rst_for(syn, ends, macs, to_guest);
+            return;
+        }
+        let remote = SocketAddr::new(key.remote_addr, key.remote_port);
+        let (bind, bind_if) = match key.remote_addr {
+            IpAddr::V4(_) => (
+                self.cfg.outbound4.map(IpAddr::V4),
+                self.cfg.outbound_if4.as_deref(),
+            ),
+            IpAddr::V6(_) => (
+                self.cfg.outbound6.map(IpAddr::V6),
+                self.cfg.outbound_if6.as_deref(),
+            ),
+        };
+        let sock = match S::connect(remote, bind, bind_if) {
+            Ok(s) => s,
+            Err(e) => {
+                self.stats.connect_failed += 1;
+                crate::limited!(
+                    self.log_limit,
+                    now,
+                    debug,
+                    "tcp: connect to {remote} failed: {e}"
+                );
+                rst_for(syn, ends, macs, to_guest);
+                return;
+            }
+        };
+        let isn = self.isn(&key);
+        let conn = Conn::new(ends, syn, self.mss_link(remote.is_ipv6()), isn, now);
+        let fd = sock.raw_fd();
+        let idx = match self.table.insert(key, Flow { conn, sock }) {
+            Ok(idx) => idx,
+            Err(_) => return, // checked above: can't happen, and the socket just closes
+        };
+        let events = epoll::Events::EPOLLIN
+            | epoll::Events::EPOLLOUT
+            | epoll::Events::EPOLLRDHUP
+            | epoll::Events::EPOLLET;
+        if let Err(e) = reg.add(fd, events, Token::TcpSock(idx)) {
+            crate::limited!(self.log_limit, now, warn, "tcp: can't watch socket: {e}");
+            rst_for(syn, ends, macs, to_guest);
+            self.table.remove(idx);
+            return;
+        }
+        self.stats.opened += 1;
+        log::debug!(
+            "tcp: flow {} {}:{} -> {remote}",
+            idx.0,
+            key.guest_addr,
+            key.guest_port
+        );
+    }
+
+    /// A flow's socket reported `events`.
+    pub fn sock_ready(
+        &mut self,
+        idx: FlowIdx,
+        events: epoll::Events,
+        now: Instant,
+        macs: Macs,
+        to_guest: &mut dyn ToGuest,
+    ) {
+        let Tcp { table, buf, .. } = self;
+        let Some(flow) = table.get_mut(idx) else {
+            return;
+        };
+        flow.sock
+            .note_events(events.contains(epoll::Events::EPOLLRDHUP));
+        let mut out = Out {
+            to_guest,
+            guest_mac: macs.guest,
+            our_mac: macs.ours,
+            buf,
+        };
+        let readable = events.intersects(
+            epoll::Events::EPOLLIN | epoll::Events::EPOLLRDHUP | epoll::Events::EPOLLHUP,
+        );
+        let writable = events.contains(epoll::Events::EPOLLOUT);
+        let error = events.intersects(epoll::Events::EPOLLERR | epoll::Events::EPOLLHUP);
+        let v = flow
+            .conn
+            .sock_ready(readable, writable, error, now, &mut flow.sock, &mut out);
+        self.finish(idx, v);
+    }
+
+    /// Timers of every flow: call periodically.
+    pub fn timer(&mut self, now: Instant, macs: Macs, to_guest: &mut dyn ToGuest) {
+        for i in 0..self.table.high_water() {
+            let idx = FlowIdx(i);
+            let Tcp { table, buf, .. } = self;
+            let Some(flow) = table.get_mut(idx) else {
+                continue;
+            };
+            let mut out = Out {
+                to_guest: &mut *to_guest,
+                guest_mac: macs.guest,
+                our_mac: macs.ours,
+                buf,
+            };
+            let v = flow.conn.timer(now, &mut flow.sock, &mut out);
+            self.finish(idx, v);
+        }
+    }
+
+    fn finish(&mut self, idx: FlowIdx, v: Verdict) {
+        match v {
+            Verdict::Keep => {}
+            Verdict::Close => {
+                if let Some(f) = self.table.remove(idx) {
+                    self.stats.closed += 1;
+                    if !f.conn.has(conn::ev::SOCK_CONNECTED) {
+                        self.stats.connect_failed += 1;
+                    }
+                    log::debug!("tcp: flow {} closed", idx.0);
+                }
+            }
+            Verdict::Abort => {
+                if let Some(f) = self.table.remove(idx) {
+                    self.stats.aborted += 1;
+                    log::debug!("tcp: flow {} reset", idx.0);
+                    f.sock.abort();
+                }
+            }
+        }
+    }
+}
+
+/// The RST a host sends for a segment that belongs to no connection (RFC 9293 3.10.7.1).
+fn rst_for(seg: &Seg, ends: Ends, macs: Macs, to_guest: &mut dyn ToGuest) {
+    let h = match seg.ack {
+        Some(ack) => Header {
+            seq: ack,
+            ack: 0,
+            flags: flag::RST,
+            wnd: 0,
+        },
+        None => {
+            let len = seg.payload.len() as u32 + u32::from(seg.syn) + u32::from(seg.fin);
+            Header {
+                seq: 0,
+                ack: seg.seq.wrapping_add(len),
+                flags: flag::RST | flag::ACK,
+                wnd: 0,
+            }
+        }
+    };
+    conn::emit_segment(
+        to_guest,
+        macs.guest,
+        macs.ours,
+        ends.remote,
+        ends.guest,
+        h,
+        &[],
+        &[],
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conn::tests::{decode, FakeSock, Sink};
+    use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        static CONNECT_FAILS: Cell<bool> = const { Cell::new(false) };
+    }
+
+    impl Socket for FakeSock {
+        fn connect(_: SocketAddr, _: Option<IpAddr>, _: Option<&str>) -> io::Result<Self> {
+            if CONNECT_FAILS.with(Cell::get) {
+                return Err(io::ErrorKind::NetworkUnreachable.into());
+            }
+            Ok(FakeSock {
+                space: 1 << 16,
+                ..FakeSock::default()
+            })
+        }
+        fn raw_fd(&self) -> RawFd {
+            -1
+        }
+        fn note_events(&mut self, _: bool) {}
+        fn abort(self) {}
+    }
+
+    struct Reg(Vec<Token>);
+    impl Register for Reg {
+        fn add(&mut self, _: RawFd, _: epoll::Events, t: Token) -> io::Result<()> {
+            self.0.push(t);
+            Ok(())
+        }
+        fn modify(&mut self, _: RawFd, _: epoll::Events, _: Token) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const G: [u8; 4] = [192, 0, 2, 2];
+    const R: [u8; 4] = [198, 51, 100, 1];
+    const MACS: Macs = Macs {
+        guest: [2; 6],
+        ours: [3; 6],
+    };
+
+    /// A guest TCP segment (header + payload) with a correct checksum unless `corrupt`.
+    fn segment(
+        sport: u16,
+        seq: u32,
+        ack: Option<u32>,
+        flags: u8,
+        payload: &[u8],
+        corrupt: bool,
+    ) -> Vec<u8> {
+        let mut sink = Sink {
+            frames: vec![],
+            room: 1,
+        };
+        conn::emit_segment(
+            &mut sink,
+            [0; 6],
+            [0; 6],
+            (IpAddr::from(G), sport),
+            (IpAddr::from(R), 80),
+            Header {
+                seq,
+                ack: ack.unwrap_or(0),
+                flags: flags | if ack.is_some() { flag::ACK } else { 0 },
+                wnd: 1000,
+            },
+            &[],
+            payload,
+        );
+        let mut l4 = sink
+            .frames
+            .remove(0)
+            .split_off(wire::ETH_HLEN + wire::IPV4_HLEN);
+        if corrupt {
+            l4[4] ^= 1;
+        }
+        l4
+    }
+
+    fn tcp(cap: usize) -> Tcp<FakeSock> {
+        Tcp::new(TcpConfig {
+            max_flows: cap,
+            ..TcpConfig::default()
+        })
+    }
+
+    fn feed(t: &mut Tcp<FakeSock>, l4: &[u8], reg: &mut Reg, sink: &mut Sink) {
+        t.from_guest(G.into(), R.into(), l4, Instant::now(), MACS, reg, sink);
+    }
+
+    fn sink() -> Sink {
+        Sink {
+            frames: vec![],
+            room: usize::MAX,
+        }
+    }
+
+    #[test]
+    fn unknown_flows_get_rst_except_rst() {
+        let mut t = tcp(4);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        feed(
+            &mut t,
+            &segment(1000, 50, Some(777), 0, b"data", false),
+            &mut reg,
+            &mut s,
+        );
+        let g = decode(&s.frames[0]);
+        assert_eq!((g.flags, g.seq), (flag::RST, 777));
+        feed(
+            &mut t,
+            &segment(1000, 50, None, flag::FIN, b"ab", false),
+            &mut reg,
+            &mut s,
+        );
+        let g = decode(&s.frames[1]);
+        assert_eq!((g.flags, g.ack), (flag::RST | flag::ACK, 53));
+        feed(
+            &mut t,
+            &segment(1000, 50, None, flag::RST, b"", false),
+            &mut reg,
+            &mut s,
+        );
+        assert_eq!(s.frames.len(), 2, "no RST for a RST");
+        assert_eq!(t.stats().rst_unknown, 2);
+        assert_eq!(t.active_flows(), 0);
+    }
+
+    #[test]
+    fn malformed_segments_are_counted_and_dropped() {
+        let mut t = tcp(4);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let good = segment(1000, 50, None, flag::SYN, b"", false);
+        feed(
+            &mut t,
+            &segment(1000, 50, None, flag::SYN, b"", true),
+            &mut reg,
+            &mut s,
+        );
+        for cut in 0..good.len() {
+            feed(&mut t, &good[..cut], &mut reg, &mut s);
+        }
+        let mut synfin = segment(1000, 50, None, flag::SYN | flag::FIN, b"", false);
+        feed(&mut t, &synfin, &mut reg, &mut s);
+        synfin[13] = flag::SYN | flag::RST;
+        feed(&mut t, &synfin, &mut reg, &mut s);
+        assert!(s.frames.is_empty());
+        assert_eq!(t.stats().malformed, 1 + good.len() as u64 + 2);
+        assert_eq!(t.active_flows(), 0);
+    }
+
+    #[test]
+    fn syn_opens_a_flow_and_full_table_refuses_with_rst() {
+        let mut t = tcp(2);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        for port in [1000, 1001] {
+            feed(
+                &mut t,
+                &segment(port, 5, None, flag::SYN, b"", false),
+                &mut reg,
+                &mut s,
+            );
+        }
+        assert_eq!(t.active_flows(), 2);
+        assert_eq!(
+            reg.0,
+            vec![Token::TcpSock(FlowIdx(0)), Token::TcpSock(FlowIdx(1))]
+        );
+        assert!(s.frames.is_empty(), "SYN-ACK waits for connect()");
+        // A retransmitted SYN is the same flow.
+        feed(
+            &mut t,
+            &segment(1000, 5, None, flag::SYN, b"", false),
+            &mut reg,
+            &mut s,
+        );
+        assert_eq!(t.active_flows(), 2);
+        feed(
+            &mut t,
+            &segment(1002, 5, None, flag::SYN, b"", false),
+            &mut reg,
+            &mut s,
+        );
+        assert_eq!(t.stats().refused_full, 1);
+        let g = decode(&s.frames[0]);
+        assert_eq!((g.flags, g.ack), (flag::RST | flag::ACK, 6));
+        // Connected: SYN-ACK; a guest RST frees the slot for the next SYN.
+        t.sock_ready(
+            FlowIdx(0),
+            epoll::Events::EPOLLOUT,
+            Instant::now(),
+            MACS,
+            &mut s,
+        );
+        assert_eq!(decode(&s.frames[1]).flags, flag::SYN | flag::ACK);
+        feed(
+            &mut t,
+            &segment(1000, 6, None, flag::RST, b"", false),
+            &mut reg,
+            &mut s,
+        );
+        assert_eq!(t.active_flows(), 1);
+        feed(
+            &mut t,
+            &segment(1002, 5, None, flag::SYN, b"", false),
+            &mut reg,
+            &mut s,
+        );
+        assert_eq!(t.active_flows(), 2);
+        assert_eq!(reg.0.last(), Some(&Token::TcpSock(FlowIdx(0))));
+    }
+
+    #[test]
+    fn connect_error_at_once_is_a_rst() {
+        let mut t = tcp(2);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        CONNECT_FAILS.with(|c| c.set(true));
+        feed(
+            &mut t,
+            &segment(1000, 5, None, flag::SYN, b"", false),
+            &mut reg,
+            &mut s,
+        );
+        CONNECT_FAILS.with(|c| c.set(false));
+        assert_eq!(t.active_flows(), 0);
+        assert_eq!(decode(&s.frames[0]).flags, flag::RST | flag::ACK);
+    }
+
+    #[test]
+    fn mss_fits_the_link() {
+        let t = tcp(1);
+        assert_eq!(t.mss_link(false), (65535 - 14 - 20 - 20) as u16);
+        let t: Tcp<FakeSock> = Tcp::new(TcpConfig {
+            mtu: Some(1500),
+            ..TcpConfig::default()
+        });
+        assert_eq!((t.mss_link(false), t.mss_link(true)), (1460, 1440));
+    }
+}

@@ -1,0 +1,321 @@
+//! The host side of a connection: a non-blocking kernel TCP socket behind [`SockOps`].
+//!
+//! Data from the peer stays in the socket until the guest acknowledges it: we read it with
+//! `MSG_PEEK` at an offset (`SO_PEEK_OFF`, which TCP sockets support since Linux 6.9), and
+//! discard acknowledged bytes with `MSG_TRUNC`, which drops them without copying. On older
+//! kernels, the peek reads from the first unconsumed byte and the already-sent part is
+//! skipped in our buffer; that caps what may be in flight at the buffer's size. Either way,
+//! nothing the guest hasn't acknowledged is lost, and retransmission is just a peek at a
+//! lower offset.
+
+use std::io;
+use std::mem::size_of;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use super::conn::SockOps;
+
+/// `SO_PEEK_OFF` (asm-generic; the same on every architecture we build for).
+const SO_PEEK_OFF: libc::c_int = 42;
+/// `SIOCOUTQ` = `TIOCOUTQ`: bytes in the send queue.
+const SIOCOUTQ: libc::c_ulong = 0x5411;
+
+/// A connected (or connecting) host TCP socket.
+#[derive(Debug)]
+pub struct HostSock {
+    fd: OwnedFd,
+    peek_off: bool,
+    /// `EPOLLRDHUP` seen: without `SO_PEEK_OFF`, tells end of stream from "no new data".
+    rdhup: bool,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option value is a live c_int of the length given.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len are live and sized for an int option.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(v)
+}
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+impl HostSock {
+    /// Opens a non-blocking socket to `remote`, bound to `bind_addr` and `bind_if` if
+    /// given, and starts connecting. Connection refused and the like show up later, as the
+    /// socket's error.
+    pub fn connect(
+        remote: SocketAddr,
+        bind_addr: Option<IpAddr>,
+        bind_if: Option<&str>,
+    ) -> io::Result<HostSock> {
+        let family = if remote.is_ipv6() {
+            libc::AF_INET6
+        } else {
+            libc::AF_INET
+        };
+        // SAFETY: plain socket(2) call.
+        let fd = cvt(unsafe {
+            libc::socket(
+                family,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_TCP,
+            )
+        })?;
+        // SAFETY: socket(2) just returned this fd; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let raw = fd.as_raw_fd();
+        if let Some(name) = bind_if {
+            // SAFETY: the name's bytes are live for the call, the length is theirs.
+            cvt(unsafe {
+                libc::setsockopt(
+                    raw,
+                    libc::SOL_SOCKET,
+                    libc::SO_BINDTODEVICE,
+                    name.as_ptr().cast(),
+                    name.len() as libc::socklen_t,
+                )
+            })?;
+        }
+        if let Some(a) = bind_addr {
+            let (ss, len) = sockaddr(SocketAddr::new(a, 0));
+            // SAFETY: ss holds a sockaddr of length len.
+            cvt(unsafe { libc::bind(raw, (&ss as *const libc::sockaddr_storage).cast(), len) })?;
+        }
+        let peek_off = setsockopt_int(raw, libc::SOL_SOCKET, SO_PEEK_OFF, 0).is_ok();
+        let (ss, len) = sockaddr(remote);
+        // SAFETY: ss holds a sockaddr of length len.
+        let r = unsafe { libc::connect(raw, (&ss as *const libc::sockaddr_storage).cast(), len) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(e);
+            }
+        }
+        Ok(HostSock {
+            fd,
+            peek_off,
+            rdhup: false,
+        })
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Notes what epoll reported, before the connection logic runs.
+    pub fn note_events(&mut self, rdhup: bool) {
+        self.rdhup |= rdhup;
+    }
+
+    /// Closes with a RST to the peer (`SO_LINGER` 0) instead of a FIN.
+    pub fn abort(self) {
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: l is a live linger struct of the length given. A failure only means the
+        // close below sends a FIN instead.
+        unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&l as *const libc::linger).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+    }
+
+    /// The socket's MSS towards the peer.
+    pub fn mss(&self) -> Option<u16> {
+        getsockopt_int(self.raw_fd(), libc::IPPROTO_TCP, libc::TCP_MAXSEG)
+            .ok()
+            .and_then(|v| u16::try_from(v).ok())
+    }
+}
+
+fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: buf is live and writable for its length (or null with length 0 for TRUNC).
+    let r = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags | libc::MSG_DONTWAIT,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+impl SockOps for HostSock {
+    fn send(&mut self, data: &[u8]) -> io::Result<usize> {
+        // SAFETY: data is live for its length.
+        let r = unsafe {
+            libc::send(
+                self.raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    fn peek(&mut self, skip: usize, want: usize, buf: &mut [u8]) -> io::Result<usize> {
+        if self.peek_off {
+            let off = libc::c_int::try_from(skip)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            setsockopt_int(self.raw_fd(), libc::SOL_SOCKET, SO_PEEK_OFF, off)?;
+            return recv(self.raw_fd(), &mut buf[..want], libc::MSG_PEEK);
+        }
+        let end = (skip + want).min(buf.len());
+        let n = recv(self.raw_fd(), &mut buf[..end], libc::MSG_PEEK)?;
+        if n <= skip {
+            return if self.rdhup && n == skip {
+                Ok(0)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+        }
+        buf.copy_within(skip..n, 0);
+        Ok(n - skip)
+    }
+
+    fn peek_limit(&self, skip: usize, buf_len: usize) -> usize {
+        if self.peek_off {
+            buf_len
+        } else {
+            buf_len.saturating_sub(skip)
+        }
+    }
+
+    fn consume(&mut self, mut n: usize) -> io::Result<()> {
+        while n > 0 {
+            // MSG_TRUNC on TCP: drop the bytes, copy nothing.
+            // SAFETY: a null buffer is fine with MSG_TRUNC, nothing is written.
+            let r = unsafe {
+                libc::recv(
+                    self.raw_fd(),
+                    std::ptr::null_mut(),
+                    n,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                )
+            };
+            match r {
+                r if r > 0 => n -= r as usize,
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        // SAFETY: plain shutdown(2) on our fd.
+        cvt(unsafe { libc::shutdown(self.raw_fd(), libc::SHUT_WR) }).map(drop)
+    }
+
+    fn send_space(&mut self) -> usize {
+        let fd = self.raw_fd();
+        let Ok(sndbuf) = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF) else {
+            return 0;
+        };
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int to the pointer given.
+        if unsafe { libc::ioctl(fd, SIOCOUTQ as _, &mut queued) } < 0 {
+            return 0;
+        }
+        // SO_SNDBUF reports twice the payload the kernel allows (bookkeeping overhead):
+        // count half of it as usable.
+        (sndbuf.max(0) as usize / 2).saturating_sub(queued.max(0) as usize)
+    }
+
+    fn take_error(&mut self) -> Option<io::Error> {
+        match getsockopt_int(self.raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR) {
+            Ok(0) => None,
+            Ok(e) => Some(io::Error::from_raw_os_error(e)),
+            Err(e) => Some(e),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Outbound TCP end to end: a real guest kernel (TCG) on passt-rs in stream mode downloads
+//! from and uploads to servers in the peer namespace, over IPv4 and IPv6, and the contents
+//! are compared by SHA-256.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::guest::{Guest, CMD_TIMEOUT};
+use common::netns::*;
+use common::output::Collector;
+use common::passt::{Passt, Ready};
+
+const SIZE: usize = 4 << 20;
+
+fn ours() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_passt"))
+}
+
+/// `socat -d -d args` in the peer namespace, once it listens.
+fn socat(topo: &Topology, args: &[&str]) -> (std::process::Child, Collector) {
+    let mut cmd = Command::new("socat");
+    cmd.args(["-d", "-d"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = topo.spawn_peer(cmd);
+    let out = Collector::new(None);
+    out.attach(child.stderr.take().expect("piped stderr"));
+    out.wait_for(0, "listening on", Instant::now() + Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("socat didn't listen ({e:?}): {}", out.text()));
+    (child, out)
+}
+
+fn sha256(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn guest_sha256(guest: &mut Guest, path: &str) -> String {
+    let out = guest.run_ok(&format!("sha256sum {path}"));
+    out.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn guest_downloads_and_uploads_over_tcp() {
+    let _serial = common::serial();
+    let topo = Topology::new();
+    let sock = topo.dir().join("passt.socket");
+    let passt = Passt::start(
+        &topo,
+        &ours(),
+        &["--one-off", "-s", sock.to_str().unwrap()],
+        Ready::Daemon,
+    );
+    let www = topo.dir().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let file = www.join("blob");
+    let data: Vec<u8> = {
+        let mut x: u32 = 0x1234_5678;
+        (0..SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    };
+    std::fs::write(&file, &data).unwrap();
+    let want = sha256(&file);
+
+    let mut guest = Guest::boot(&["-netdev", &common::stream_netdev(&sock)]);
+    let out = guest.run_ok("udhcpc -i eth0 -n -q -f 2>&1");
+    assert!(out.contains(&format!("ip={HOST_V4}")), "udhcpc: {out}");
+    let (status, seen) = guest.run(
+        "i=0; while [ $i -lt 300 ]; do \
+           ip -6 addr show dev eth0 scope global | grep 'inet6 2001:db8::' | grep -qv tentative && break; \
+           i=$((i+1)); sleep 0.1; done; \
+         ip -6 addr show dev eth0 scope global | grep 'inet6 2001:db8::' | grep -qv tentative",
+        CMD_TIMEOUT,
+    );
+    assert_eq!(status, 0, "no SLAAC address:\n{seen}");
+
+    // Download: busybox httpd in inetd mode behind socat, one connection each.
+    for (fam, url_host) in [
+        ("TCP4", REMOTE_V4.to_string()),
+        ("TCP6", format!("[{REMOTE_V6}]")),
+    ] {
+        let (_httpd, log) = socat(
+            &topo,
+            &[
+                &format!("{fam}-LISTEN:8080,reuseaddr"),
+                &format!("EXEC:busybox httpd -i -h {}", www.display()),
+            ],
+        );
+        let (status, out) = guest.run(
+            &format!("wget -q -O /tmp/down http://{url_host}:8080/blob 2>&1"),
+            CMD_TIMEOUT,
+        );
+        assert_eq!(
+            status,
+            0,
+            "wget ({fam}): {out}\n{}\n{}",
+            log.text(),
+            passt.log()
+        );
+        assert_eq!(
+            guest_sha256(&mut guest, "/tmp/down"),
+            want,
+            "download {fam}"
+        );
+        guest.run_ok("rm /tmp/down");
+    }
+
+    // Upload: the guest sends a file; the peer keeps exactly its size and closes.
+    guest.run_ok(&format!(
+        "dd if=/dev/urandom of=/tmp/up bs=65536 count={} 2>/dev/null",
+        SIZE / 65536
+    ));
+    let up_sum = guest_sha256(&mut guest, "/tmp/up");
+    for (i, (fam, host)) in [
+        ("TCP4", REMOTE_V4.to_string()),
+        ("TCP6", REMOTE_V6.to_string()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dest = topo.dir().join(format!("up{i}"));
+        let (mut sink, log) = socat(
+            &topo,
+            &[
+                "-u",
+                &format!("{fam}-LISTEN:8081,reuseaddr"),
+                &format!("SYSTEM:head -c {SIZE} > {}", dest.display()),
+            ],
+        );
+        let (status, out) = guest.run(&format!("nc {host} 8081 < /tmp/up 2>&1"), CMD_TIMEOUT);
+        assert_eq!(status, 0, "nc ({fam}): {out}\n{}", log.text());
+        let pidfd = common::process::Pidfd::open(sink.id()).unwrap();
+        assert!(pidfd.wait_exit(CMD_TIMEOUT), "socat sink still running");
+        let _ = sink.wait();
+        assert_eq!(sha256(&dest), up_sum, "upload {fam}");
+    }
+
+    assert!(passt.running(), "passt exited:\n{}", passt.log());
+    assert!(guest.poweroff(Duration::from_secs(30)));
+}

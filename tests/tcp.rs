@@ -1,0 +1,473 @@
+//! Outbound TCP through the real binary in stream mode: the test plays the guest's TCP with
+//! hand-built segments, `socat` in the peer namespace plays the remote server.
+
+mod common;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::frames::{self, tcp_flag as F, StreamClient, TcpSeg};
+use common::netns::{self, Topology};
+use common::output::Collector;
+use common::passt::{Passt, Ready};
+
+const T: Duration = Duration::from_secs(30);
+/// How long the guest waits for an ACK before it sends again from the last one (its RTO).
+const GUEST_RTO: Duration = Duration::from_millis(300);
+const MIB: usize = 1 << 20;
+/// Our MSS, as a 1500-byte MTU guest would announce it: exercises segmentation.
+const GUEST_MSS: u16 = 1460;
+const GUEST_WS: u8 = 7;
+/// Raw window field: 512 << 7 = 64 KiB.
+const GUEST_WND: u16 = 512;
+
+fn ours() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_passt"))
+}
+
+fn start(topo: &Topology) -> (Passt, StreamClient) {
+    let sock = topo.dir().join("passt.socket");
+    // In the foreground with debug output, so tests can wait for what it logs.
+    let passt = Passt::start(
+        topo,
+        &ours(),
+        &["-f", "-d", "-s", sock.to_str().unwrap(), "--one-off"],
+        Ready::Line("UNIX domain socket bound at".into()),
+    );
+    let c = StreamClient::connect(&sock);
+    (passt, c)
+}
+
+/// `socat -d -d` with `args` in the peer namespace, once it listens.
+fn socat(topo: &Topology, args: &[&str]) -> (Child, Collector) {
+    let mut cmd = Command::new("socat");
+    cmd.args(["-d", "-d"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = topo.spawn_peer(cmd);
+    let out = Collector::new(None);
+    out.attach(child.stderr.take().expect("piped stderr"));
+    out.wait_for(0, "listening on", Instant::now() + T)
+        .unwrap_or_else(|e| panic!("socat didn't listen ({e:?}): {}", out.text()));
+    (child, out)
+}
+
+fn wait_child(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + T;
+    // Exit is an event we can't block on with a timeout through std; poll its pidfd.
+    let pidfd = common::process::Pidfd::open(child.id()).expect("pidfd");
+    assert!(
+        pidfd.wait_exit(deadline.saturating_duration_since(Instant::now())),
+        "{what} didn't exit"
+    );
+    child.wait().expect("wait")
+}
+
+fn seq_lt(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// The guest's end of one connection: a minimal TCP sender and receiver.
+struct Guest<'a> {
+    c: &'a mut StreamClient,
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    snd_una: u32,
+    snd_nxt: u32,
+    rcv_nxt: u32,
+    peer_wnd: u32,
+    peer_ws: u8,
+    peer_mss: usize,
+    fin_rcvd: bool,
+    rst_rcvd: bool,
+    rx: Vec<u8>,
+}
+
+impl<'a> Guest<'a> {
+    fn seg(&self, flags: u8, seq: u32, payload: &[u8]) -> TcpSeg {
+        TcpSeg {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            seq,
+            ack: if flags & F::ACK != 0 { self.rcv_nxt } else { 0 },
+            flags,
+            wnd: GUEST_WND,
+            mss: None,
+            ws: None,
+            payload: payload.to_vec(),
+        }
+    }
+
+    fn send(&mut self, s: &TcpSeg) {
+        self.c.send(&frames::tcp_frame(s));
+    }
+
+    /// Connects; `Err(segment)` if passt answered with something other than a SYN-ACK.
+    fn connect(
+        c: &'a mut StreamClient,
+        src: IpAddr,
+        dst: IpAddr,
+        sport: u16,
+        dport: u16,
+    ) -> Result<Guest<'a>, TcpSeg> {
+        let isn = 0xfffff000u32; // wraps within a MiB
+        let mut g = Guest {
+            c,
+            src,
+            dst,
+            sport,
+            dport,
+            snd_una: isn.wrapping_add(1),
+            snd_nxt: isn.wrapping_add(1),
+            rcv_nxt: 0,
+            peer_wnd: 0,
+            peer_ws: 0,
+            peer_mss: 536,
+            fin_rcvd: false,
+            rst_rcvd: false,
+            rx: Vec::new(),
+        };
+        let mut syn = g.seg(F::SYN, isn, &[]);
+        syn.mss = Some(GUEST_MSS);
+        syn.ws = Some(GUEST_WS);
+        syn.wnd = 65535;
+        g.send(&syn);
+        let sa = g.next(T).expect("no answer to SYN");
+        if sa.flags != F::SYN | F::ACK {
+            return Err(sa);
+        }
+        assert_eq!(sa.ack, isn.wrapping_add(1));
+        assert!(sa.mss.is_some(), "SYN-ACK without MSS: {sa:?}");
+        g.peer_ws = sa.ws.expect("window scale answered");
+        g.peer_mss = usize::from(sa.mss.unwrap());
+        g.rcv_nxt = sa.seq.wrapping_add(1);
+        g.peer_wnd = u32::from(sa.wnd);
+        let ack = g.seg(F::ACK, g.snd_nxt, &[]);
+        g.send(&ack);
+        Ok(g)
+    }
+
+    /// The next segment of this connection within `timeout`.
+    fn next(&mut self, timeout: Duration) -> Option<TcpSeg> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let f = self.c.try_recv(left)?;
+            if let Some(s) = frames::parse_tcp(&f) {
+                if s.dst == self.src && s.dport == self.sport && s.sport == self.dport {
+                    return Some(s);
+                }
+            }
+        }
+    }
+
+    /// Takes in a segment: acknowledgement, window, in-order data and FIN. Returns whether
+    /// it occupies sequence space (needs an ACK).
+    fn handle(&mut self, s: &TcpSeg) -> bool {
+        if s.flags & F::RST != 0 {
+            self.rst_rcvd = true;
+            return false;
+        }
+        if s.flags & F::ACK != 0 {
+            if seq_lt(self.snd_una, s.ack) {
+                self.snd_una = s.ack;
+            }
+            if seq_lt(self.snd_nxt, self.snd_una) {
+                self.snd_nxt = self.snd_una;
+            }
+            self.peer_wnd = u32::from(s.wnd) << self.peer_ws;
+        }
+        if s.seq == self.rcv_nxt && !self.fin_rcvd {
+            self.rx.extend_from_slice(&s.payload);
+            self.rcv_nxt = self.rcv_nxt.wrapping_add(s.payload.len() as u32);
+            if s.flags & F::FIN != 0 {
+                self.fin_rcvd = true;
+                self.rcv_nxt = self.rcv_nxt.wrapping_add(1);
+            }
+        }
+        !s.payload.is_empty() || s.flags & F::FIN != 0
+    }
+
+    fn ack(&mut self) {
+        let a = self.seg(F::ACK, self.snd_nxt, &[]);
+        self.send(&a);
+    }
+
+    /// Sends `data` until all of it is acknowledged, going back to the last ACK when none
+    /// comes in time, probing a zero window.
+    fn send_all(&mut self, data: &[u8]) {
+        let base = self.snd_una;
+        let deadline = Instant::now() + 4 * T;
+        while (self.snd_una.wrapping_sub(base) as usize) < data.len() {
+            assert!(Instant::now() < deadline, "sending stalled");
+            assert!(!self.rst_rcvd, "reset while sending");
+            loop {
+                let off = self.snd_nxt.wrapping_sub(base) as usize;
+                let in_flight = self.snd_nxt.wrapping_sub(self.snd_una);
+                if off >= data.len() || in_flight >= self.peer_wnd {
+                    break;
+                }
+                let n = (data.len() - off)
+                    .min(self.peer_mss)
+                    .min((self.peer_wnd - in_flight) as usize);
+                let s = self.seg(F::ACK | F::PSH, self.snd_nxt, &data[off..off + n]);
+                self.send(&s);
+                self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
+            }
+            match self.next(GUEST_RTO) {
+                Some(s) => {
+                    if self.handle(&s) {
+                        self.ack();
+                    }
+                }
+                None => {
+                    // Go back N; with a zero window, a probe asks for the window again.
+                    self.snd_nxt = self.snd_una;
+                    if self.peer_wnd == 0 {
+                        let probe = self.seg(F::ACK, self.snd_una.wrapping_sub(1), &[]);
+                        self.send(&probe);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_fin(&mut self) {
+        let fin = self.seg(F::FIN | F::ACK, self.snd_nxt, &[]);
+        self.send(&fin);
+        self.snd_nxt = self.snd_nxt.wrapping_add(1);
+    }
+
+    /// Receives (and acknowledges) until the FIN, and, if `until_acked`, until everything
+    /// we sent is acknowledged.
+    fn recv_until_fin(&mut self, until_acked: bool) {
+        while !self.fin_rcvd || (until_acked && self.snd_una != self.snd_nxt) {
+            let s = self
+                .next(T)
+                .unwrap_or_else(|| panic!("stalled after {} bytes", self.rx.len()));
+            assert!(s.flags & F::RST == 0, "reset: {s:?}");
+            if self.handle(&s) {
+                self.ack();
+            }
+        }
+    }
+}
+
+fn pattern(len: usize, salt: u8) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ u32::from(salt);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn pairs() -> [(IpAddr, IpAddr, &'static str); 2] {
+    [
+        (netns::HOST_V4.into(), netns::REMOTE_V4.into(), "TCP4"),
+        (netns::HOST_V6.into(), netns::REMOTE_V6.into(), "TCP6"),
+    ]
+}
+
+#[test]
+fn one_mib_guest_to_peer_guest_fin_first() {
+    let topo = Topology::new();
+    let (passt, mut c) = start(&topo);
+    let data = pattern(MIB, 1);
+    let mut closed_at = 0;
+    for (i, (src, dst, fam)) in pairs().into_iter().enumerate() {
+        let file = topo.dir().join(format!("recv{i}.bin"));
+        let (mut child, out) = socat(
+            &topo,
+            &[
+                "-u",
+                &format!("{fam}-LISTEN:5001,reuseaddr"),
+                &format!("CREATE:{}", file.display()),
+            ],
+        );
+        let mut g = Guest::connect(&mut c, src, dst, 40000 + i as u16, 5001)
+            .unwrap_or_else(|s| panic!("connect: {s:?}\n{}", passt.log()));
+        g.send_all(&data);
+        g.send_fin();
+        // The server closes its end once it has everything: FIN from the socket second.
+        g.recv_until_fin(true);
+        assert!(g.rx.is_empty());
+        let st = wait_child(&mut child, "socat");
+        assert!(st.success(), "socat: {}", out.text());
+        let got = std::fs::read(&file).unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "content differs ({fam})");
+        // Both FINs exchanged and acknowledged: the flow is freed (slot 0 again each time).
+        closed_at = passt
+            .output()
+            .wait_for(closed_at, "tcp: flow 0 closed", Instant::now() + T)
+            .unwrap_or_else(|e| panic!("flow not freed ({e:?}):\n{}", passt.log()));
+    }
+}
+
+#[test]
+fn one_mib_peer_to_guest_socket_fin_first() {
+    let topo = Topology::new();
+    let (passt, mut c) = start(&topo);
+    let data = pattern(MIB, 2);
+    let file = topo.dir().join("send.bin");
+    std::fs::write(&file, &data).unwrap();
+    for (i, (src, dst, fam)) in pairs().into_iter().enumerate() {
+        let (mut child, out) = socat(
+            &topo,
+            &[
+                "-u",
+                &format!("OPEN:{}", file.display()),
+                &format!("{fam}-LISTEN:5002,reuseaddr"),
+            ],
+        );
+        // socat -u with the listener second: it accepts, then writes the file and closes.
+        let mut g = Guest::connect(&mut c, src, dst, 41000 + i as u16, 5002)
+            .unwrap_or_else(|s| panic!("connect: {s:?}\n{}", passt.log()));
+        g.recv_until_fin(false);
+        assert_eq!(g.rx.len(), data.len());
+        assert!(g.rx == data, "content differs ({fam})");
+        g.send_fin();
+        g.recv_until_fin(true);
+        let st = wait_child(&mut child, "socat");
+        assert!(st.success(), "socat: {}", out.text());
+    }
+}
+
+#[test]
+fn echo_both_ways_with_half_close() {
+    let topo = Topology::new();
+    let (passt, mut c) = start(&topo);
+    let (mut child, out) = socat(&topo, &["TCP6-LISTEN:5003,reuseaddr", "EXEC:cat"]);
+    let data = pattern(256 * 1024, 3);
+    let mut g = Guest::connect(
+        &mut c,
+        netns::HOST_V6.into(),
+        netns::REMOTE_V6.into(),
+        42000,
+        5003,
+    )
+    .unwrap_or_else(|s| panic!("connect: {s:?}\n{}", passt.log()));
+    g.send_all(&data);
+    g.send_fin();
+    // cat sees end of input, echoes the rest and exits: its FIN comes after all the data.
+    g.recv_until_fin(true);
+    assert!(g.rx == data, "echo differs: {} bytes back", g.rx.len());
+    let st = wait_child(&mut child, "socat");
+    assert!(st.success(), "socat: {}", out.text());
+}
+
+#[test]
+fn closed_port_gets_rst() {
+    let topo = Topology::new();
+    let (_passt, mut c) = start(&topo);
+    for (i, (src, dst, _)) in pairs().into_iter().enumerate() {
+        let r = Guest::connect(&mut c, src, dst, 43000 + i as u16, 9);
+        let s = r.err().expect("connected to a closed port");
+        assert_eq!(s.flags & F::RST, F::RST, "{s:?}");
+    }
+}
+
+#[test]
+fn guest_rst_resets_the_peer() {
+    let topo = Topology::new();
+    let (passt, mut c) = start(&topo);
+    let (mut child, out) = socat(
+        &topo,
+        &["-u", "TCP4-LISTEN:5004,reuseaddr", "OPEN:/dev/null"],
+    );
+    let mut g = Guest::connect(
+        &mut c,
+        netns::HOST_V4.into(),
+        netns::REMOTE_V4.into(),
+        44000,
+        5004,
+    )
+    .unwrap_or_else(|s| panic!("connect: {s:?}\n{}", passt.log()));
+    g.send_all(b"some data first");
+    let rst = g.seg(F::RST | F::ACK, g.snd_nxt, &[]);
+    g.send(&rst);
+    // socat reports the reset and exits (with status 0 all the same); its stderr may be
+    // read after it exits, so wait on the text itself.
+    out.wait_for(0, "Connection reset by peer", Instant::now() + T)
+        .unwrap_or_else(|e| panic!("socat saw no reset ({e:?}): {}", out.text()));
+    wait_child(&mut child, "socat");
+    passt
+        .output()
+        .wait_for(0, "tcp: flow 0 reset", Instant::now() + T)
+        .unwrap_or_else(|e| panic!("flow not reset ({e:?}):\n{}", passt.log()));
+    // The flow is gone: anything more on it gets a RST back.
+    let again = g.seg(F::ACK | F::PSH, g.snd_nxt, b"late");
+    g.send(&again);
+    let s = g.next(T).expect("no RST for a segment of a closed flow");
+    assert_eq!(s.flags & F::RST, F::RST);
+}
+
+#[test]
+fn peer_reset_reaches_the_guest_and_unknown_flows_get_rst() {
+    let topo = Topology::new();
+    let (passt, mut c) = start(&topo);
+    // A segment for a connection that never existed.
+    {
+        let g = Guest {
+            c: &mut c,
+            src: netns::HOST_V4.into(),
+            dst: netns::REMOTE_V4.into(),
+            sport: 45001,
+            dport: 5005,
+            snd_una: 1,
+            snd_nxt: 1,
+            rcv_nxt: 1,
+            peer_wnd: 0,
+            peer_ws: 0,
+            peer_mss: 536,
+            fin_rcvd: false,
+            rst_rcvd: false,
+            rx: vec![],
+        };
+        let mut g = g;
+        let s = g.seg(F::ACK, 1234, b"x");
+        g.send(&s);
+        let r = g.next(T).expect("no RST for an unknown flow");
+        assert_eq!((r.flags, r.seq), (F::RST, 1), "{r:?}");
+    }
+    // socat sends an empty file and closes with SO_LINGER 0: its close is a RST.
+    let (_child, _out) = socat(
+        &topo,
+        &[
+            "-u",
+            "OPEN:/dev/null",
+            "TCP4-LISTEN:5005,reuseaddr,linger=0",
+        ],
+    );
+    // The reset may come before or after the SYN-ACK, as the kernel reports it.
+    match Guest::connect(
+        &mut c,
+        netns::HOST_V4.into(),
+        netns::REMOTE_V4.into(),
+        45000,
+        5005,
+    ) {
+        Err(s) => assert_eq!(s.flags & F::RST, F::RST, "{s:?}\n{}", passt.log()),
+        Ok(mut g) => {
+            let deadline = Instant::now() + T;
+            while !g.rst_rcvd {
+                assert!(Instant::now() < deadline, "no RST after the peer reset");
+                if let Some(s) = g.next(T) {
+                    g.handle(&s);
+                }
+            }
+        }
+    }
+}
