@@ -4,20 +4,15 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::guest::{Guest, CMD_TIMEOUT};
 use common::netns::*;
 use common::output::Collector;
-use common::passt::{Passt, Ready};
+use common::Mode;
 
 const SIZE: usize = 4 << 20;
-
-fn ours() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_passt"))
-}
 
 /// `socat -d -d args` in the peer namespace, once it listens.
 fn socat(topo: &Topology, args: &[&str]) -> (std::process::Child, Collector) {
@@ -53,16 +48,18 @@ fn guest_sha256(guest: &mut Guest, path: &str) -> String {
 }
 
 #[test]
-fn guest_downloads_and_uploads_over_tcp() {
+fn stream_guest_downloads_and_uploads_over_tcp() {
+    downloads_and_uploads(Mode::Stream);
+}
+
+#[test]
+fn vhost_user_guest_downloads_and_uploads_over_tcp() {
+    downloads_and_uploads(Mode::VhostUser);
+}
+
+fn downloads_and_uploads(mode: Mode) {
     let _serial = common::serial();
     let topo = Topology::new();
-    let sock = topo.dir().join("passt.socket");
-    let passt = Passt::start(
-        &topo,
-        &ours(),
-        &["--one-off", "-s", sock.to_str().unwrap()],
-        Ready::Daemon,
-    );
     let www = topo.dir().join("www");
     std::fs::create_dir_all(&www).unwrap();
     let file = www.join("blob");
@@ -80,7 +77,8 @@ fn guest_downloads_and_uploads_over_tcp() {
     std::fs::write(&file, &data).unwrap();
     let want = sha256(&file);
 
-    let mut guest = Guest::boot(&["-netdev", &common::stream_netdev(&sock)]);
+    let (passt, mut guest) = common::passt_and_guest(&topo, mode, &["--one-off"]);
+    let started = Instant::now();
     let out = guest.run_ok("udhcpc -i eth0 -n -q -f 2>&1");
     assert!(out.contains(&format!("ip={HOST_V4}")), "udhcpc: {out}");
     let (status, seen) = guest.run(
@@ -153,6 +151,11 @@ fn guest_downloads_and_uploads_over_tcp() {
         assert_eq!(sha256(&dest), up_sum, "upload {fam}");
     }
 
+    eprintln!(
+        "{mode:?}: {} MiB down and up over IPv4 and IPv6 in {:?}",
+        SIZE >> 20,
+        started.elapsed()
+    );
     assert!(passt.running(), "passt exited:\n{}", passt.log());
     assert!(guest.poweroff(Duration::from_secs(30)));
 }

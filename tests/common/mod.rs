@@ -70,3 +70,40 @@ pub fn stream_netdev(path: &Path) -> String {
         path.display()
     )
 }
+
+/// How the guest reaches passt-rs in an end-to-end test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Stream,
+    VhostUser,
+}
+
+/// Starts our passt in `topo`'s host namespace in `mode` (daemonised, `extra` arguments
+/// appended) and boots a guest on it.
+pub fn passt_and_guest(
+    topo: &netns::Topology,
+    mode: Mode,
+    extra: &[&str],
+) -> (passt::Passt, guest::Guest) {
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_passt"));
+    let sock = topo.dir().join("passt.socket");
+    let sock_arg = sock.to_str().expect("utf-8 path").to_string();
+    let mut args = vec!["-s", &sock_arg];
+    if mode == Mode::VhostUser {
+        args.push("--vhost-user");
+    }
+    args.extend_from_slice(extra);
+    let passt = passt::Passt::start(topo, &bin, &args, passt::Ready::Daemon);
+    let guest = match mode {
+        Mode::Stream => guest::Guest::boot(&["-netdev", &stream_netdev(&sock)]),
+        Mode::VhostUser => {
+            let chardev = format!("socket,id=c,path={}", sock.display());
+            let netdev = format!("vhost-user,id={},chardev=c", guest::NETDEV_ID);
+            guest::Guest::builder()
+                .netdev(&["-chardev", &chardev, "-netdev", &netdev])
+                .device_opt("host_mtu=65520")
+                .boot()
+        }
+    };
+    (passt, guest)
+}
