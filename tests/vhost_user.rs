@@ -17,6 +17,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use passt::tap::{FrameHandler, ToGuest, MAX_FRAME};
 use passt::vhost_user::{Device, DeviceOptions, Outcome, Source, Stats};
 use vhost::vhost_user::message::{
@@ -555,7 +557,10 @@ struct Vmm {
 
 impl Vmm {
     fn connect(s: &Server) -> Vmm {
-        let sock = UnixStream::connect(&s.path).expect("connect");
+        Vmm::over(UnixStream::connect(&s.path).expect("connect"))
+    }
+
+    fn over(sock: UnixStream) -> Vmm {
         let raw = sock.try_clone().expect("dup");
         let fe = Frontend::from_stream(sock, 2);
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -973,4 +978,64 @@ fn steady_state_data_path_does_not_allocate() {
         "allocations on the data path"
     );
     assert_eq!(s.stats().tx.frames, 320);
+}
+
+/// The real binary in vhost-user mode on a socket it inherits (`--fd`), as a VMM that
+/// hands its end of a socketpair over would run it: it serves the front-end, answers the
+/// guest's ARP through the rings, and exits when the front-end goes.
+#[test]
+fn binary_serves_vhost_user_on_an_inherited_socket() {
+    use common::frames;
+    use common::netns::{Topology, HOST_V4, PEER_V4};
+    use common::passt::{Passt, Ready};
+    use smoltcp::wire::{ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol};
+
+    let topo = Topology::new();
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let fd = ours.as_raw_fd();
+    let passt = Passt::start_inheriting(
+        &topo,
+        "passt",
+        std::path::Path::new(env!("CARGO_BIN_EXE_passt")),
+        &["--vhost-user", "--fd", &fd.to_string()],
+        Ready::Daemon,
+        &[fd],
+    );
+    drop(ours);
+    let g = Guest::new();
+    let (mut rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
+    let mut v = Vmm::over(theirs);
+    v.start_qemu(&g, &rx, &tx, ALL);
+
+    let bufs = post_rx(&g, &mut rx, 4, 2048);
+    rx.kick();
+    let rx_at = rx.used_idx(&g);
+    send_frame(
+        &g,
+        &mut tx,
+        &frames::arp_request(HOST_V4, PEER_V4),
+        &[HDR, 4096],
+    );
+    tx.wait_used(&g, tx.avail_idx);
+    rx.wait_used(&g, rx_at.wrapping_add(1));
+    let (reply, _) = recv_frame(&g, &rx, &bufs, rx_at);
+    let eth = EthernetFrame::new_checked(&reply[..]).expect("ethernet");
+    assert_eq!(eth.ethertype(), EthernetProtocol::Arp, "{reply:02x?}");
+    assert_eq!(eth.src_addr().0, frames::OUR_MAC);
+    let arp = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).expect("arp")).expect("arp");
+    let ArpRepr::EthernetIpv4 {
+        source_protocol_addr,
+        ..
+    } = arp
+    else {
+        panic!("{arp:?}")
+    };
+    assert_eq!(source_protocol_addr, PEER_V4);
+
+    drop(v);
+    assert!(
+        passt.wait_exit(TIMEOUT),
+        "passt still running after the front-end left:\n{}",
+        passt.log()
+    );
 }
