@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 scripts/deps.sh
 cargo fmt --all -- --check
+cargo fmt --manifest-path tests/guest/tool/Cargo.toml -- --check
 cargo clippy --all-targets --quiet -- -D warnings
+RUSTFLAGS="-C target-feature=+crt-static" cargo clippy --quiet --release \
+  --manifest-path tests/guest/tool/Cargo.toml --target-dir target/gtool -- -D warnings
 tests/guest/build.sh >/dev/null
 cargo test --all-targets 2>&1

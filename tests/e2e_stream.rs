@@ -83,3 +83,33 @@ fn guest_configures_itself_and_pings_over_an_inherited_socket() {
         passt.log()
     );
 }
+
+#[test]
+fn guest_gets_the_hosts_ipv6_address_by_dhcpv6() {
+    let _serial = common::serial();
+    let topo = Topology::new();
+    let (_passt, mut guest) = common::passt_and_guest(&topo, common::Mode::Stream, &["--one-off"]);
+    // The link-local address must be usable before the client can send.
+    let (status, seen) = guest.run(
+        "i=0; while [ $i -lt 300 ]; do \
+           ip -6 addr show dev eth0 scope link | grep -q 'inet6 fe80' && \
+           ! ip -6 addr show dev eth0 | grep -q tentative && break; \
+           i=$((i+1)); sleep 0.1; done; ip -6 addr show dev eth0",
+        common::guest::CMD_TIMEOUT,
+    );
+    assert_eq!(status, 0, "{seen}");
+    let out = guest.run_ok("gtool dhcpv6 eth0");
+    eprintln!("guest DHCPv6: {out}");
+    assert!(
+        out.contains(&format!("address={}", common::netns::HOST_V6)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("dns={}", common::netns::DNS_V6)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("domain={}", common::netns::SEARCH)),
+        "{out}"
+    );
+}

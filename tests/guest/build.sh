@@ -59,12 +59,23 @@ for m in $MODULES; do
 	modfiles="$modfiles $f"
 done
 
+# gtool (tests/guest/tool): what busybox lacks, static and std-only. Built with cargo when
+# it is there (it is wherever the tests run); the image works without it otherwise.
+gtool=
+if command -v cargo >/dev/null 2>&1; then
+	gtool_target=$(cd "$here/../.." && pwd)/target/gtool
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
+		--manifest-path "$here/tool/Cargo.toml" --target-dir "$gtool_target" >&2 ||
+		die "building gtool failed"
+	gtool=$gtool_target/release/gtool
+fi
+
 exec 9>"$out/.lock"
 flock 9
 
 key=$(
 	{
-		sha256sum "$0" "$busybox" "$kernel" $modfiles
+		sha256sum "$0" "$busybox" "$kernel" $modfiles $gtool
 		echo "$KVER $MODULES"
 	} | sha256sum | cut -d' ' -f1
 )
@@ -90,6 +101,8 @@ for path in $("$busybox" --list-full); do
 	mkdir -p "$root/$(dirname "$path")"
 	ln -sf /bin/busybox "$root/$path"
 done
+
+[ -z "$gtool" ] || cp "$gtool" "$root/bin/gtool"
 
 for f in $modfiles; do
 	name=$(basename "$f")
