@@ -16,6 +16,7 @@ use crate::icmp::{Icmp, IcmpFlowIdx};
 use crate::l2::{self, Verdict, REPLY_BUF_LEN};
 use crate::logger::Limiter;
 use crate::tap::{FrameHandler, ToGuest};
+use crate::udp::{Udp, UdpConfig, UdpFlowIdx};
 
 const DHCP_SERVER_PORT: u16 = 67;
 const DHCPV6_SERVER_PORT: u16 = 547;
@@ -34,6 +35,8 @@ pub struct EngineStats {
     pub ndp: u64,
     pub dhcpv6: u64,
     pub icmp: u64,
+    /// UDP datagrams handed to [`crate::udp`] (which counts what it drops).
+    pub udp: u64,
     /// Truncated, inconsistent, or with a bad checksum.
     pub malformed: u64,
     /// Well-formed, but of a kind we don't translate (yet): other ethertypes, protocols.
@@ -47,6 +50,7 @@ pub struct Engine {
     net: NetConfig,
     guest_mac: [u8; 6],
     icmp: Option<Icmp>,
+    udp: Option<Udp>,
     reply: Box<[u8]>,
     registrar: EpollRegistrar,
     now: Instant,
@@ -60,6 +64,7 @@ impl Engine {
             net,
             guest_mac: [0xff; 6],
             icmp: icmp.then(Icmp::new),
+            udp: None,
             reply: vec![0u8; REPLY_BUF_LEN].into_boxed_slice(),
             registrar,
             now: Instant::now(),
@@ -74,6 +79,30 @@ impl Engine {
 
     pub fn icmp_stats(&self) -> Option<crate::icmp::IcmpStats> {
         self.icmp.as_ref().map(Icmp::stats)
+    }
+
+    /// Turns on UDP translation (off until called: `--no-udp`).
+    pub fn with_udp(mut self, cfg: UdpConfig) -> Self {
+        self.udp = Some(Udp::new(cfg));
+        self
+    }
+
+    pub fn udp_stats(&self) -> Option<crate::udp::UdpStats> {
+        self.udp.as_ref().map(Udp::stats)
+    }
+
+    /// A UDP flow socket is readable, or (`err`) reports an error.
+    pub fn udp_sock_ready(&mut self, idx: UdpFlowIdx, err: bool, to_guest: &mut dyn ToGuest) {
+        if let Some(udp) = self.udp.as_mut() {
+            udp.from_sock(
+                idx,
+                err,
+                self.now,
+                self.guest_mac,
+                self.net.our_mac,
+                to_guest,
+            );
+        }
     }
 
     /// Sets the time for the frames of the batch about to be handled.
@@ -102,6 +131,9 @@ impl Engine {
         self.now = now;
         if let Some(icmp) = self.icmp.as_mut() {
             icmp.expire(now);
+        }
+        if let Some(udp) = self.udp.as_mut() {
+            udp.expire(now);
         }
     }
 
@@ -154,6 +186,13 @@ impl Engine {
                     self.stats.unsupported += 1;
                 }
             }
+            IpProtocol::Udp => match self.udp.as_mut() {
+                Some(udp) => {
+                    self.stats.udp += 1;
+                    udp.from_guest_v4(ip, self.now, &mut self.registrar);
+                }
+                None => self.stats.unsupported += 1,
+            },
             _ => self.stats.unsupported += 1,
         }
     }
@@ -189,6 +228,13 @@ impl Engine {
                 let v = l2::dhcpv6::handle(&self.net, frame, &mut self.reply);
                 self.service(v, to_guest);
             }
+            IpProtocol::Udp => match self.udp.as_mut() {
+                Some(udp) => {
+                    self.stats.udp += 1;
+                    udp.from_guest_v6(ip, self.now, &mut self.registrar);
+                }
+                None => self.stats.unsupported += 1,
+            },
             _ => self.stats.unsupported += 1,
         }
     }

@@ -16,6 +16,7 @@ use crate::conf::Config;
 use crate::engine::Engine;
 use crate::icmp::IcmpFlowIdx;
 use crate::tap::stream::{StreamEvent, StreamTap};
+use crate::udp::{UdpConfig, UdpFlowIdx};
 
 /// Housekeeping period: flow expiry, periodic announcements.
 const PERIODIC: Duration = Duration::from_secs(1);
@@ -28,6 +29,7 @@ pub enum Token {
     Listener,
     TapConn,
     IcmpSock(IcmpFlowIdx),
+    UdpSock(UdpFlowIdx),
 }
 
 impl Token {
@@ -39,6 +41,7 @@ impl Token {
             Token::Listener => (2, 0),
             Token::TapConn => (3, 0),
             Token::IcmpSock(i) => (4, u64::from(i.0)),
+            Token::UdpSock(i) => (5, u64::from(i.0)),
         };
         kind << Self::SHIFT | idx
     }
@@ -50,6 +53,7 @@ impl Token {
             2 => Token::Listener,
             3 => Token::TapConn,
             4 => Token::IcmpSock(IcmpFlowIdx(idx)),
+            5 => Token::UdpSock(UdpFlowIdx(idx)),
             _ => return None,
         })
     }
@@ -188,6 +192,9 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
             epoll_fd: epoll.0.as_raw_fd(),
         },
     );
+    if let Some(udp) = UdpConfig::from_config(cfg) {
+        engine = engine.with_udp(udp);
+    }
     let mut conn: Option<StreamTap> = None;
     let mut conn_out_watched = false;
     let (listener, single) = match guest {
@@ -298,6 +305,14 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
                         engine.icmp_sock_ready(idx, &mut crate::tap::Discard);
                     }
                 }
+                Some(Token::UdpSock(idx)) => {
+                    let err = flags.contains(epoll::Events::EPOLLERR);
+                    if let Some(tap) = conn.as_mut() {
+                        engine.udp_sock_ready(idx, err, tap.to_guest());
+                    } else {
+                        engine.udp_sock_ready(idx, err, &mut crate::tap::Discard);
+                    }
+                }
                 None => log::debug!("event with an unknown token {ev_data:#x}"),
             }
         }
@@ -354,6 +369,9 @@ fn log_stats(engine: &Engine) {
     if let Some(icmp) = engine.icmp_stats() {
         log::debug!("icmp counters: {icmp:?}");
     }
+    if let Some(udp) = engine.udp_stats() {
+        log::debug!("udp counters: {udp:?}");
+    }
 }
 
 #[cfg(test)]
@@ -367,6 +385,7 @@ mod tests {
             Token::Listener,
             Token::TapConn,
             Token::IcmpSock(IcmpFlowIdx(1023)),
+            Token::UdpSock(UdpFlowIdx(4095)),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

@@ -7,6 +7,7 @@
 //! - [`engine`]: what happens to each guest frame.
 //! - [`l2`]: ARP, DHCP, NDP, DHCPv6: frames in, reply frames out.
 //! - [`icmp`]: ICMP/ICMPv6 echo through ping sockets.
+//! - [`udp`]: UDP flows through per-flow host sockets, host-loopback and DNS mapping.
 //! - [`tap`]: frames to and from the guest, over vhost-user or the stream socket.
 //! - [`wire`]: headers of frames we build.
 //! - [`logger`]: log destinations and rate limiting.
@@ -18,6 +19,7 @@ pub mod icmp;
 pub mod l2;
 pub mod logger;
 pub mod tap;
+pub mod udp;
 pub mod wire;
 
 /// An error and its causes, one line: "what failed: why: deeper why".
