@@ -37,8 +37,10 @@
 //! flow idle for the configured timeout ([`DEFAULT_IDLE_TIMEOUT`] unless `--udp-timeout`)
 //! is closed by [`Udp::expire`]. Datagrams towards the guest larger than what fits
 //! [`crate::tap::MAX_FRAME`] (65507 bytes of payload over IPv4, 65487 over IPv6) are
-//! dropped and counted. One receive buffer serves every flow: nothing is allocated per
-//! datagram. Not yet: inbound `-u` forwarding, batching with `recvmmsg`/`sendmmsg`.
+//! dropped and counted. The receive buffers serve every flow: nothing is allocated per
+//! datagram. Host datagrams are read in batches ([`BATCH`] per `recvmmsg`, at most
+//! [`RECV_BUDGET`] per readiness event). Not yet: inbound `-u` forwarding, `sendmmsg`
+//! towards the host (datagrams go out one `send` each).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -69,6 +71,10 @@ const PAYLOAD_AT: usize = 128;
 /// Datagrams read from one socket per readiness event, so one busy flow can't starve the
 /// others (epoll is level-triggered: the rest comes with the next wait).
 const RECV_BUDGET: usize = 64;
+/// Datagrams read by one `recvmmsg` call, each into its own slot of [`SLOT`] bytes.
+const BATCH: usize = 32;
+/// A receive slot: header room, the largest payload, one byte to tell a longer datagram.
+const SLOT: usize = PAYLOAD_AT + MAX_PAYLOAD_V4 + 1;
 const DNS_PORT: u16 = 53;
 /// How much of the guest's datagram (from its IP header on) an ICMP error quotes: what
 /// keeps the error within the minimum MTU of the family.
@@ -141,7 +147,10 @@ pub struct Udp {
     free: Vec<u32>,
     stats: UdpStats,
     log_limit: Limiter,
+    /// Where ICMP errors are read and built.
     buf: Box<[u8]>,
+    /// [`BATCH`] receive slots for datagrams towards the guest.
+    slots: Box<[u8]>,
     /// Control messages of the error queue (`u64` for `cmsghdr` alignment).
     cmsg: Box<[u64]>,
 }
@@ -158,6 +167,7 @@ impl Udp {
             // One more byte than the largest payload: a longer datagram shows as such.
             buf: vec![0u8; PAYLOAD_AT + MAX_PAYLOAD_V4 + 1].into_boxed_slice(),
             cmsg: vec![0u64; 64].into_boxed_slice(),
+            slots: vec![0u8; BATCH * SLOT].into_boxed_slice(),
         }
     }
 
@@ -381,25 +391,37 @@ impl Udp {
         };
         let key = flow.key;
         let fd = flow.sock.as_raw_fd();
+        let max = match key.remote {
+            SocketAddr::V4(_) => MAX_PAYLOAD_V4,
+            SocketAddr::V6(_) => MAX_PAYLOAD_V6,
+        };
+        let start = PAYLOAD_AT - UDP_HLEN - wire::l3_header_len(key.remote.is_ipv6());
         let mut errors_pending = err;
-        for _ in 0..RECV_BUDGET {
+        for _ in 0..RECV_BUDGET.div_ceil(BATCH) {
             if errors_pending {
                 self.relay_errors(fd, key, now, guest_mac, our_mac, to_guest);
                 errors_pending = false;
             }
-            let max = match key.remote {
-                SocketAddr::V4(_) => MAX_PAYLOAD_V4,
-                SocketAddr::V6(_) => MAX_PAYLOAD_V6,
-            };
-            let room = &mut self.buf[PAYLOAD_AT..];
-            // SAFETY: recv writes at most `room.len()` bytes into `room`, which we own;
-            // MSG_TRUNC only changes the returned length.
+            // SAFETY: all-zero iovecs and mmsghdrs are valid values, filled in below.
+            let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+            let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+            for (i, (iov, hdr)) in iovs.iter_mut().zip(hdrs.iter_mut()).enumerate() {
+                let slot = &mut self.slots[i * SLOT + PAYLOAD_AT..(i + 1) * SLOT];
+                iov.iov_base = slot.as_mut_ptr().cast();
+                iov.iov_len = slot.len();
+                hdr.msg_hdr.msg_iov = iov;
+                hdr.msg_hdr.msg_iovlen = 1;
+            }
+            // SAFETY: each header points at its own iovec, each iovec at its own slot of
+            // `self.slots`; all outlive the call. With MSG_TRUNC, `msg_len` is the
+            // datagram's real length, even when longer than the slot.
             let n = unsafe {
-                libc::recv(
+                libc::recvmmsg(
                     fd,
-                    room.as_mut_ptr().cast(),
-                    room.len(),
+                    hdrs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
                     libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                    std::ptr::null_mut(),
                 )
             };
             if n < 0 {
@@ -414,29 +436,29 @@ impl Udp {
                 }
             }
             let n = n as usize;
-            if n > max {
-                self.stats.too_big += 1;
-                continue;
+            if n > 0 {
+                if let Some(f) = self.flows[idx.0 as usize].as_mut() {
+                    f.last_used = now;
+                }
             }
-            if let Some(f) = self.flows[idx.0 as usize].as_mut() {
-                f.last_used = now;
+            for (i, hdr) in hdrs.iter().enumerate().take(n) {
+                let len = hdr.msg_len as usize;
+                if len > max {
+                    self.stats.too_big += 1;
+                    continue;
+                }
+                let frame = &mut self.slots[i * SLOT + start..i * SLOT + PAYLOAD_AT + len];
+                if emit_udp(frame, guest_mac, our_mac, key.remote, key.guest).is_none() {
+                    continue;
+                }
+                if to_guest.send(&[frame]) {
+                    self.stats.to_guest += 1;
+                } else {
+                    self.stats.guest_drops += 1;
+                }
             }
-            let start = PAYLOAD_AT - UDP_HLEN - wire::l3_header_len(key.remote.is_ipv6());
-            if emit_udp(
-                &mut self.buf[start..PAYLOAD_AT + n],
-                guest_mac,
-                our_mac,
-                key.remote,
-                key.guest,
-            )
-            .is_none()
-            {
-                continue;
-            }
-            if to_guest.send(&[&self.buf[start..PAYLOAD_AT + n]]) {
-                self.stats.to_guest += 1;
-            } else {
-                self.stats.guest_drops += 1;
+            if n < BATCH {
+                break;
             }
         }
         if errors_pending {
