@@ -318,6 +318,46 @@ fn dns_forward_to_the_first_resolver() {
     );
 }
 
+/// The same over IPv6: the resolver is resolv.conf's first IPv6 one, and the DHCPv6 reply
+/// advertises the forwarding address.
+#[test]
+fn dns_forward_over_ipv6() {
+    let topo = Topology::new();
+    topo.peer_ok(&format!("ip addr add {}/128 dev lo", netns::DNS_V6));
+    server(&topo, Side::Peer, &[sa(netns::DNS_V6, 53)], "resolver6:");
+    let fwd: Ipv6Addr = "2001:db8::53".parse().unwrap();
+    let (_passt, mut c) = start(&topo, &["--dns-forward", &fwd.to_string()]);
+    c.send(&frames::dhcpv6_solicit([4, 5, 6]));
+    let dns = c.expect(T, "DHCPv6 reply", |f| {
+        let d = parse_udp(f)?;
+        (d.src.port() == 547).then(|| dhcpv6_dns(&d.payload[4..]))
+    });
+    assert_eq!(dns, vec![fwd]);
+    assert_eq!(
+        exchange(&mut c, sa(GUEST6, 40051), sa(fwd, 53), b"query6"),
+        b"resolver6:query6"
+    );
+}
+
+/// Addresses in the DNS Recursive Name Server option (23) of DHCPv6 options.
+fn dhcpv6_dns(mut opts: &[u8]) -> Vec<Ipv6Addr> {
+    while opts.len() >= 4 {
+        let code = u16::from_be_bytes([opts[0], opts[1]]);
+        let len = usize::from(u16::from_be_bytes([opts[2], opts[3]]));
+        let Some(body) = opts.get(4..4 + len) else {
+            break;
+        };
+        if code == 23 {
+            return body
+                .chunks_exact(16)
+                .map(|a| Ipv6Addr::from(<[u8; 16]>::try_from(a).unwrap()))
+                .collect();
+        }
+        opts = &opts[4 + len..];
+    }
+    Vec::new()
+}
+
 /// A loopback resolver in resolv.conf (as systemd-resolved's 127.0.0.53) is advertised as
 /// the gateway address, and queries to that address's port 53 reach it.
 #[test]
