@@ -327,4 +327,50 @@ mod tests {
         assert_eq!(s.frames, 5000);
         assert!(s.malformed > 0);
     }
+
+    /// Random UDP over IPv4 and IPv6 reaches the UDP module and is counted, never fatal.
+    #[test]
+    fn garbage_udp_is_counted_never_fatal() {
+        let mut e = engine().with_udp(UdpConfig {
+            idle_timeout: std::time::Duration::from_secs(180),
+            nat: crate::conf::Nat::default(),
+        });
+        let mut sink = Sink(Vec::new());
+        let mut x: u32 = 0x9e37_79b9;
+        let mut frame = [0u8; 200];
+        for round in 0..5000 {
+            for b in frame.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+            if round % 2 == 0 {
+                // IPv4, 20-byte header, UDP, valid header checksum.
+                frame[12..14].copy_from_slice(&[0x08, 0x00]);
+                frame[14] = 0x45;
+                frame[16..18].copy_from_slice(&100u16.to_be_bytes());
+                frame[20..22].fill(0);
+                frame[23] = 17;
+                frame[24..26].fill(0);
+                let mut ip = smoltcp::wire::Ipv4Packet::new_unchecked(&mut frame[14..34]);
+                ip.fill_checksum();
+            } else {
+                frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+                frame[14] = 0x60;
+                frame[18..20].copy_from_slice(&100u16.to_be_bytes());
+                frame[20] = 17;
+            }
+            let len = 60 + (x as usize) % (frame.len() - 60);
+            e.handle_frame(&frame[..len], &mut sink);
+        }
+        let udp = e.udp_stats().unwrap();
+        assert!(e.stats().udp > 0);
+        assert!(udp.malformed + udp.bad_checksum > 0);
+        assert_eq!(
+            udp.flows_opened, 0,
+            "no socket can be watched without epoll"
+        );
+        assert!(sink.0.is_empty());
+    }
 }
