@@ -19,6 +19,7 @@ use crate::l2::{self, Verdict, REPLY_BUF_LEN};
 use crate::logger::Limiter;
 use crate::tap::{FrameHandler, ToGuest};
 use crate::tcp::{Macs, Tcp, TcpConfig};
+use crate::udp::{Udp, UdpConfig, UdpFlowIdx};
 
 const DHCP_SERVER_PORT: u16 = 67;
 const DHCPV6_SERVER_PORT: u16 = 547;
@@ -38,6 +39,8 @@ pub struct EngineStats {
     pub dhcpv6: u64,
     pub icmp: u64,
     pub tcp: u64,
+    /// UDP datagrams handed to [`crate::udp`] (which counts what it drops).
+    pub udp: u64,
     /// Truncated, inconsistent, or with a bad checksum.
     pub malformed: u64,
     /// Well-formed, but of a kind we don't translate (yet): other ethertypes, protocols.
@@ -52,6 +55,7 @@ pub struct Engine {
     guest_mac: [u8; 6],
     icmp: Option<Icmp>,
     tcp: Option<Box<Tcp>>,
+    udp: Option<Udp>,
     reply: Box<[u8]>,
     registrar: EpollRegistrar,
     now: Instant,
@@ -66,6 +70,7 @@ impl Engine {
             guest_mac: [0xff; 6],
             icmp: icmp.then(Icmp::new),
             tcp: None,
+            udp: None,
             reply: vec![0u8; REPLY_BUF_LEN].into_boxed_slice(),
             registrar,
             now: Instant::now(),
@@ -134,6 +139,30 @@ impl Engine {
 
     // --- end TCP ---
 
+    /// Turns on UDP translation (off until called: `--no-udp`).
+    pub fn with_udp(mut self, cfg: UdpConfig) -> Self {
+        self.udp = Some(Udp::new(cfg));
+        self
+    }
+
+    pub fn udp_stats(&self) -> Option<crate::udp::UdpStats> {
+        self.udp.as_ref().map(Udp::stats)
+    }
+
+    /// A UDP flow socket is readable, or (`err`) reports an error.
+    pub fn udp_sock_ready(&mut self, idx: UdpFlowIdx, err: bool, to_guest: &mut dyn ToGuest) {
+        if let Some(udp) = self.udp.as_mut() {
+            udp.from_sock(
+                idx,
+                err,
+                self.now,
+                self.guest_mac,
+                self.net.our_mac,
+                to_guest,
+            );
+        }
+    }
+
     /// Sets the time for the frames of the batch about to be handled.
     pub fn set_now(&mut self, now: Instant) {
         self.now = now;
@@ -160,6 +189,9 @@ impl Engine {
         self.now = now;
         if let Some(icmp) = self.icmp.as_mut() {
             icmp.expire(now);
+        }
+        if let Some(udp) = self.udp.as_mut() {
+            udp.expire(now);
         }
     }
 
@@ -218,6 +250,13 @@ impl Engine {
                 pkt.payload(),
                 to_guest,
             ),
+            IpProtocol::Udp => match self.udp.as_mut() {
+                Some(udp) => {
+                    self.stats.udp += 1;
+                    udp.from_guest_v4(ip, self.now, &mut self.registrar);
+                }
+                None => self.stats.unsupported += 1,
+            },
             _ => self.stats.unsupported += 1,
         }
     }
@@ -259,6 +298,13 @@ impl Engine {
                 pkt.payload(),
                 to_guest,
             ),
+            IpProtocol::Udp => match self.udp.as_mut() {
+                Some(udp) => {
+                    self.stats.udp += 1;
+                    udp.from_guest_v6(ip, self.now, &mut self.registrar);
+                }
+                None => self.stats.unsupported += 1,
+            },
             _ => self.stats.unsupported += 1,
         }
     }
@@ -350,5 +396,51 @@ mod tests {
         let s = e.stats();
         assert_eq!(s.frames, 5000);
         assert!(s.malformed > 0);
+    }
+
+    /// Random UDP over IPv4 and IPv6 reaches the UDP module and is counted, never fatal.
+    #[test]
+    fn garbage_udp_is_counted_never_fatal() {
+        let mut e = engine().with_udp(UdpConfig {
+            idle_timeout: std::time::Duration::from_secs(180),
+            nat: crate::conf::Nat::default(),
+        });
+        let mut sink = Sink(Vec::new());
+        let mut x: u32 = 0x9e37_79b9;
+        let mut frame = [0u8; 200];
+        for round in 0..5000 {
+            for b in frame.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+            if round % 2 == 0 {
+                // IPv4, 20-byte header, UDP, valid header checksum.
+                frame[12..14].copy_from_slice(&[0x08, 0x00]);
+                frame[14] = 0x45;
+                frame[16..18].copy_from_slice(&100u16.to_be_bytes());
+                frame[20..22].fill(0);
+                frame[23] = 17;
+                frame[24..26].fill(0);
+                let mut ip = smoltcp::wire::Ipv4Packet::new_unchecked(&mut frame[14..34]);
+                ip.fill_checksum();
+            } else {
+                frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+                frame[14] = 0x60;
+                frame[18..20].copy_from_slice(&100u16.to_be_bytes());
+                frame[20] = 17;
+            }
+            let len = 60 + (x as usize) % (frame.len() - 60);
+            e.handle_frame(&frame[..len], &mut sink);
+        }
+        let udp = e.udp_stats().unwrap();
+        assert!(e.stats().udp > 0);
+        assert!(udp.malformed + udp.bad_checksum > 0);
+        assert_eq!(
+            udp.flows_opened, 0,
+            "no socket can be watched without epoll"
+        );
+        assert!(sink.0.is_empty());
     }
 }

@@ -18,6 +18,7 @@ use crate::flow::FlowIdx;
 use crate::icmp::IcmpFlowIdx;
 use crate::tap::stream::{StreamEvent, StreamTap};
 use crate::tap::{Discard, ToGuest};
+use crate::udp::{UdpConfig, UdpFlowIdx};
 use crate::vhost_user::{Device, DeviceOptions, Outcome, Source};
 use crate::virtio::QueueIdx;
 
@@ -35,6 +36,7 @@ pub enum Token {
     VhostKick(QueueIdx),
     IcmpSock(IcmpFlowIdx),
     TcpSock(FlowIdx),
+    UdpSock(UdpFlowIdx),
 }
 
 impl Token {
@@ -49,6 +51,7 @@ impl Token {
             Token::VhostCtrl => (5, 0),
             Token::VhostKick(q) => (6, u64::from(q.0)),
             Token::TcpSock(i) => (7, u64::from(i.0)),
+            Token::UdpSock(i) => (8, u64::from(i.0)),
         };
         kind << Self::SHIFT | idx
     }
@@ -63,6 +66,7 @@ impl Token {
             5 => Token::VhostCtrl,
             6 => Token::VhostKick(QueueIdx(idx as u16)),
             7 => Token::TcpSock(FlowIdx(idx)),
+            8 => Token::UdpSock(UdpFlowIdx(idx)),
             _ => return None,
         })
     }
@@ -239,6 +243,9 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
             epoll_fd: epoll.0.as_raw_fd(),
         },
     );
+    if let Some(udp) = UdpConfig::from_config(cfg) {
+        engine = engine.with_udp(udp);
+    }
     if cfg.tcp {
         engine.enable_tcp(crate::tcp::TcpConfig {
             mtu: cfg.net.mtu,
@@ -320,6 +327,13 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
                     let to_guest = lp.link.guest_side();
                     lp.engine
                         .tcp_sock_ready(idx, flags, to_guest.unwrap_or(&mut Discard));
+                    None
+                }
+                Some(Token::UdpSock(idx)) => {
+                    let err = flags.contains(epoll::Events::EPOLLERR);
+                    let to_guest = lp.link.guest_side();
+                    lp.engine
+                        .udp_sock_ready(idx, err, to_guest.unwrap_or(&mut Discard));
                     None
                 }
                 Some(Token::IcmpSock(idx)) => {
@@ -426,6 +440,9 @@ impl Loop {
         }
         if let Some(tcp) = self.engine.tcp_stats() {
             log::debug!("tcp counters: {tcp:?}");
+        }
+        if let Some(udp) = self.engine.udp_stats() {
+            log::debug!("udp counters: {udp:?}");
         }
         if self.exit_when_gone {
             return Some(Exit::ClientGone);
@@ -548,6 +565,7 @@ mod tests {
             Token::VhostCtrl,
             Token::VhostKick(QueueIdx(1)),
             Token::TcpSock(FlowIdx((1 << 24) - 1)),
+            Token::UdpSock(UdpFlowIdx(4095)),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

@@ -9,6 +9,7 @@
 //! - [`flow`]: the flow table shared by the layer-4 translations.
 //! - [`tcp`]: TCP translation to host sockets.
 //! - [`icmp`]: ICMP/ICMPv6 echo through ping sockets.
+//! - [`udp`]: UDP flows through per-flow host sockets, host-loopback and DNS mapping.
 //! - [`tap`]: frames to and from the guest, over vhost-user or the stream socket.
 //! - [`vhost_user`]: the vhost-user-net device: control socket, memory table, rings.
 //! - [`virtio`]: the virtio-net data plane: split virtqueues, TX drain, mergeable RX.
@@ -24,6 +25,7 @@ pub mod l2;
 pub mod logger;
 pub mod tap;
 pub mod tcp;
+pub mod udp;
 pub mod vhost_user;
 pub mod virtio;
 pub mod wire;

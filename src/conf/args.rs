@@ -119,6 +119,29 @@ pub struct Args {
     #[arg(long = "fqdn", value_name = "NAME")]
     pub fqdn: Option<String>,
 
+    /// Guest-visible address that stands for the host's loopback: traffic from the guest to
+    /// it goes to 127.0.0.1 or ::1 ("none": no mapping) [default: the gateway address]
+    #[arg(long = "map-host-loopback", value_name = "ADDR")]
+    pub map_host_loopback: Vec<String>,
+
+    /// Don't map the gateway address to the host's loopback (as --map-host-loopback none)
+    #[arg(long = "no-map-gw")]
+    pub no_map_gw: bool,
+
+    /// Forward the guest's DNS queries (UDP port 53) to this address to the host's resolver,
+    /// answers coming back from it; advertised to the guest as its DNS server
+    #[arg(long = "dns-forward", value_name = "ADDR")]
+    pub dns_forward: Vec<String>,
+
+    /// Resolver that --dns-forward queries go to [default: the first nameserver of the
+    /// family in /etc/resolv.conf]
+    #[arg(long = "dns-host", value_name = "ADDR")]
+    pub dns_host: Vec<String>,
+
+    /// Seconds of inactivity after which a UDP flow is closed [default: 180]
+    #[arg(long = "udp-timeout", value_name = "SECONDS")]
+    pub udp_timeout: Option<u64>,
+
     /// Disable TCP
     #[arg(long = "no-tcp")]
     pub no_tcp: bool,

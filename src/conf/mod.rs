@@ -11,6 +11,7 @@ pub mod resolv;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use log::LevelFilter;
 
@@ -158,8 +159,34 @@ pub struct Config {
     pub tcp_ports: Vec<String>,
     /// `-u` specs, parsed by the port forwarding module.
     pub udp_ports: Vec<String>,
+    /// Address translations for guest traffic to the host and to DNS.
+    pub nat: Nat,
+    /// Idle time after which a UDP flow is closed (`--udp-timeout`).
+    pub udp_timeout: Duration,
     /// Notes for the log about choices made (families turned off, resolvers skipped).
     pub notes: Vec<String>,
+}
+
+/// Default of `--udp-timeout`, as upstream passt's fixed UDP flow timeout.
+pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Addresses the guest uses that mean something else on the host.
+///
+/// - `map_host_loopback*`: traffic from the guest to this address goes to the host's
+///   loopback (127.0.0.1, ::1) and replies come from it (`--map-host-loopback`, default:
+///   the gateway the guest was given; `--no-map-gw` or `none` turns it off).
+/// - `dns_match*` / `dns_host*`: UDP from the guest to `dns_match` port 53 goes to
+///   `dns_host` port 53 (`--dns-forward`, `--dns-host`). Without `--dns-forward`, a
+///   loopback resolver in resolv.conf sets `dns_match` to the host-loopback address and
+///   `dns_host` to itself, so it is advertised as that address, never as 127.0.0.x.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Nat {
+    pub map_host_loopback4: Option<Ipv4Addr>,
+    pub map_host_loopback6: Option<Ipv6Addr>,
+    pub dns_match4: Option<Ipv4Addr>,
+    pub dns_host4: Option<Ipv4Addr>,
+    pub dns_match6: Option<Ipv6Addr>,
+    pub dns_host6: Option<Ipv6Addr>,
 }
 
 impl Config {
@@ -244,17 +271,6 @@ impl Config {
                     .map_err(|_| bad("--dns", format!("invalid address '{d}'")))?,
             );
         }
-        if !dns_given {
-            for ns in &host.resolv.nameservers {
-                if ns.is_loopback() || ns.is_unspecified() {
-                    notes.push(format!(
-                        "not advertising loopback resolver {ns} from /etc/resolv.conf: the guest can't reach it"
-                    ));
-                } else {
-                    dns.push(*ns);
-                }
-            }
-        }
         let mut search: Vec<String> = Vec::new();
         if args.search.is_empty() {
             search.clone_from(&host.resolv.search);
@@ -284,22 +300,8 @@ impl Config {
                 return Err(bad("--fqdn", format!("invalid name '{f}'")));
             }
         }
-        let dns4: Vec<Ipv4Addr> = dns
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V4(v4) if !args.no_dhcp_dns => Some(*v4),
-                _ => None,
-            })
-            .collect();
-        let dns6: Vec<Ipv6Addr> = dns
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V6(v6) if !args.no_dhcp_dns => Some(*v6),
-                _ => None,
-            })
-            .collect();
 
-        let ip4 = if args.ipv6_only {
+        let mut ip4 = if args.ipv6_only {
             None
         } else {
             match (addr4, &host.v4) {
@@ -314,7 +316,7 @@ impl Config {
                             addr,
                             prefix_len,
                             gateway,
-                            dns: dns4,
+                            dns: Vec::new(),
                         }),
                         None => {
                             return Err(bad(
@@ -328,7 +330,7 @@ impl Config {
                     addr: h.addr,
                     prefix_len: netmask.unwrap_or(h.prefix_len),
                     gateway: gw4.unwrap_or(h.gateway),
-                    dns: dns4,
+                    dns: Vec::new(),
                 }),
                 (None, None) => {
                     notes.push("no IPv4 default route on the host: IPv4 disabled".into());
@@ -352,7 +354,7 @@ impl Config {
                                 gateway,
                                 h.as_ref().and_then(|h| h.link_local),
                             ),
-                            dns: dns6,
+                            dns: Vec::new(),
                         }),
                         None => {
                             return Err(bad(
@@ -369,7 +371,7 @@ impl Config {
                         prefix_len: h.prefix_len,
                         gateway,
                         our_ll: router_link_local(gateway, h.link_local),
-                        dns: dns6,
+                        dns: Vec::new(),
                     })
                 }
                 (None, None) => {
@@ -384,7 +386,7 @@ impl Config {
                 "no usable IPv4 or IPv6 configuration: the host has no default route; give --address and --gateway",
             ));
         }
-        let ip6 = match (ip6, mtu) {
+        let mut ip6 = match (ip6, mtu) {
             (Some(_), Some(m)) if m < MIN_MTU_IPV6 => {
                 notes.push(format!(
                     "MTU {m} is below IPv6's minimum of {MIN_MTU_IPV6}: IPv6 disabled"
@@ -392,6 +394,19 @@ impl Config {
                 None
             }
             (ip6, _) => ip6,
+        };
+        let nat = nat_and_dns(
+            args,
+            host,
+            dns_given.then_some(&dns[..]),
+            ip4.as_mut(),
+            ip6.as_mut(),
+            &mut notes,
+        )?;
+        let udp_timeout = match args.udp_timeout {
+            None => DEFAULT_UDP_TIMEOUT,
+            Some(0) => return Err(bad("--udp-timeout", "must be at least 1 second")),
+            Some(s) => Duration::from_secs(s),
         };
 
         let mode = if args.vhost_user {
@@ -430,9 +445,179 @@ impl Config {
             outbound_if6: args.outbound_if6.clone(),
             tcp_ports: args.tcp_ports.clone(),
             udp_ports: args.udp_ports.clone(),
+            nat,
+            udp_timeout,
             notes,
         })
     }
+}
+
+/// Works out [`Nat`] and fills in the DNS servers the guest's families advertise.
+///
+/// Advertised servers: `-D` as given if present; else, per family, the `--dns-forward`
+/// address if given; else resolv.conf's servers in order, a loopback one replaced by the
+/// host-loopback address (and dropped with a note if there is none).
+fn nat_and_dns(
+    args: &Args,
+    host: &HostInfo,
+    explicit_dns: Option<&[IpAddr]>,
+    ip4: Option<&mut Ip4>,
+    ip6: Option<&mut Ip6>,
+    notes: &mut Vec<String>,
+) -> Result<Nat, ConfError> {
+    let mut nat = Nat {
+        map_host_loopback4: ip4.as_ref().map(|i| i.gateway),
+        map_host_loopback6: ip6.as_ref().map(|i| i.our_ll),
+        ..Nat::default()
+    };
+    if args.no_map_gw {
+        nat.map_host_loopback4 = None;
+        nat.map_host_loopback6 = None;
+    }
+    for m in &args.map_host_loopback {
+        match m.as_str() {
+            "none" => {
+                nat.map_host_loopback4 = None;
+                nat.map_host_loopback6 = None;
+            }
+            _ => match m.parse::<IpAddr>() {
+                Ok(IpAddr::V4(a)) if wire_unicast4(a) => nat.map_host_loopback4 = Some(a),
+                Ok(IpAddr::V6(a)) if !a.is_multicast() && !a.is_unspecified() => {
+                    nat.map_host_loopback6 = Some(a)
+                }
+                _ => return Err(bad("--map-host-loopback", format!("invalid address '{m}'"))),
+            },
+        }
+    }
+    for d in &args.dns_forward {
+        match d.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) if wire_unicast4(a) && !a.is_loopback() => nat.dns_match4 = Some(a),
+            Ok(IpAddr::V6(a)) if !a.is_multicast() && !a.is_unspecified() && !a.is_loopback() => {
+                nat.dns_match6 = Some(a)
+            }
+            _ => return Err(bad("--dns-forward", format!("invalid address '{d}'"))),
+        }
+    }
+    let (mut host4_given, mut host6_given) = (false, false);
+    for d in &args.dns_host {
+        match d.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) if !a.is_unspecified() => {
+                nat.dns_host4 = Some(a);
+                host4_given = true;
+            }
+            Ok(IpAddr::V6(a)) if !a.is_unspecified() => {
+                nat.dns_host6 = Some(a);
+                host6_given = true;
+            }
+            _ => return Err(bad("--dns-host", format!("invalid address '{d}'"))),
+        }
+    }
+    let resolvers = &host.resolv.nameservers;
+    if !host4_given {
+        nat.dns_host4 = resolvers.iter().find_map(|a| match a {
+            IpAddr::V4(v4) if !v4.is_unspecified() => Some(*v4),
+            _ => None,
+        });
+    }
+    if !host6_given {
+        nat.dns_host6 = resolvers.iter().find_map(|a| match a {
+            IpAddr::V6(v6) if !v6.is_unspecified() => Some(*v6),
+            _ => None,
+        });
+    }
+
+    let mut dns4: Vec<Ipv4Addr> = Vec::new();
+    let mut dns6: Vec<Ipv6Addr> = Vec::new();
+    if let Some(list) = explicit_dns {
+        for a in list {
+            match a {
+                IpAddr::V4(v4) => dns4.push(*v4),
+                IpAddr::V6(v6) => dns6.push(*v6),
+            }
+        }
+    } else {
+        let (forward4, forward6) = (nat.dns_match4, nat.dns_match6);
+        if let Some(m) = forward4 {
+            dns4.push(m);
+        }
+        if let Some(m) = forward6 {
+            dns6.push(m);
+        }
+        for ns in resolvers {
+            match *ns {
+                IpAddr::V4(a) if forward4.is_none() && !a.is_unspecified() => {
+                    if !a.is_loopback() {
+                        push_new(&mut dns4, a);
+                    } else if let Some(m) = nat.map_host_loopback4 {
+                        push_new(&mut dns4, m);
+                        if nat.dns_match4.is_none() {
+                            nat.dns_match4 = Some(m);
+                            if !host4_given {
+                                nat.dns_host4 = Some(a);
+                            }
+                        }
+                    } else {
+                        notes.push(format!(
+                            "not advertising loopback resolver {a} from /etc/resolv.conf: no --map-host-loopback address to reach it by"
+                        ));
+                    }
+                }
+                IpAddr::V6(a) if forward6.is_none() && !a.is_unspecified() => {
+                    if !a.is_loopback() {
+                        push_new(&mut dns6, a);
+                    } else if let Some(m) = nat.map_host_loopback6 {
+                        push_new(&mut dns6, m);
+                        if nat.dns_match6.is_none() {
+                            nat.dns_match6 = Some(m);
+                            if !host6_given {
+                                nat.dns_host6 = Some(a);
+                            }
+                        }
+                    } else {
+                        notes.push(format!(
+                            "not advertising loopback resolver {a} from /etc/resolv.conf: no --map-host-loopback address to reach it by"
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if nat.dns_match4.is_some() && nat.dns_host4.is_none() {
+        notes.push("--dns-forward: no IPv4 resolver to forward IPv4 queries to".into());
+    }
+    if nat.dns_match6.is_some() && nat.dns_host6.is_none() {
+        notes.push("--dns-forward: no IPv6 resolver to forward IPv6 queries to".into());
+    }
+    if args.no_dhcp_dns {
+        dns4.clear();
+        dns6.clear();
+    }
+    match ip4 {
+        Some(i) => i.dns = dns4,
+        None => {
+            nat.map_host_loopback4 = None;
+            nat.dns_match4 = None;
+        }
+    }
+    match ip6 {
+        Some(i) => i.dns = dns6,
+        None => {
+            nat.map_host_loopback6 = None;
+            nat.dns_match6 = None;
+        }
+    }
+    Ok(nat)
+}
+
+fn push_new<T: PartialEq>(list: &mut Vec<T>, item: T) {
+    if !list.contains(&item) {
+        list.push(item);
+    }
+}
+
+fn wire_unicast4(a: Ipv4Addr) -> bool {
+    !(a.is_multicast() || a.is_broadcast() || a.is_unspecified())
 }
 
 /// The link-local address we present as the guest's router: the host's gateway if that is
@@ -549,7 +734,14 @@ mod tests {
         assert_eq!(ip4.addr, "192.0.2.2".parse::<Ipv4Addr>().unwrap());
         assert_eq!(ip4.netmask(), "255.255.255.0".parse::<Ipv4Addr>().unwrap());
         assert_eq!(ip4.gateway, "192.0.2.1".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(ip4.dns, vec!["198.51.100.53".parse::<Ipv4Addr>().unwrap()]);
+        // The loopback resolver (127.0.0.53) is reached through the gateway address.
+        assert_eq!(
+            ip4.dns,
+            vec![
+                "198.51.100.53".parse::<Ipv4Addr>().unwrap(),
+                "192.0.2.1".parse().unwrap()
+            ]
+        );
         let ip6 = c.net.ip6.unwrap();
         assert_eq!(ip6.our_ll, "fe80::1:1".parse::<Ipv6Addr>().unwrap());
         assert_eq!(ip6.prefix(), "2001:db8::".parse::<Ipv6Addr>().unwrap());
@@ -562,7 +754,126 @@ mod tests {
         assert_eq!(c.net.our_mac, DEFAULT_OUR_MAC);
         assert_eq!(c.net.hostname.as_deref(), Some("hosty"));
         assert_eq!(c.mode, Mode::Stream);
+        assert_eq!(c.udp_timeout, Duration::from_secs(180));
+    }
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn host_loopback_maps_the_gateway_by_default() {
+        let c = conf(&[]).unwrap();
+        assert_eq!(c.nat.map_host_loopback4, Some(v4("192.0.2.1")));
+        assert_eq!(c.nat.map_host_loopback6, Some(v6("fe80::1:1")));
+        for off in [&["--no-map-gw"][..], &["--map-host-loopback", "none"]] {
+            let c = conf(off).unwrap();
+            assert_eq!(
+                (c.nat.map_host_loopback4, c.nat.map_host_loopback6),
+                (None, None)
+            );
+        }
+        let c = conf(&[
+            "--map-host-loopback",
+            "192.0.2.99",
+            "--map-host-loopback",
+            "fe80::99",
+        ])
+        .unwrap();
+        assert_eq!(c.nat.map_host_loopback4, Some(v4("192.0.2.99")));
+        assert_eq!(c.nat.map_host_loopback6, Some(v6("fe80::99")));
+        // The loopback resolver follows the mapping.
+        assert_eq!(c.nat.dns_match4, Some(v4("192.0.2.99")));
+        assert!(c.net.ip4.unwrap().dns.contains(&v4("192.0.2.99")));
+        // A disabled family maps nothing.
+        let c = conf(&["-4"]).unwrap();
+        assert_eq!(c.nat.map_host_loopback6, None);
+    }
+
+    #[test]
+    fn loopback_resolvers_are_never_advertised_as_loopback() {
+        let mut h = host();
+        h.resolv.nameservers = vec![
+            "127.0.0.53".parse().unwrap(),
+            "::1".parse().unwrap(),
+            "198.51.100.53".parse().unwrap(),
+        ];
+        let args = Args::default();
+        let c = Config::from_args(&args, &h).unwrap();
+        let ip4 = c.net.ip4.as_ref().unwrap();
+        let ip6 = c.net.ip6.as_ref().unwrap();
+        // Order kept: the mapped loopback resolver first.
+        assert_eq!(ip4.dns, vec![v4("192.0.2.1"), v4("198.51.100.53")]);
+        assert_eq!(ip6.dns, vec![v6("fe80::1:1")]);
+        // Queries to the gateway's port 53 go to that loopback resolver itself.
+        assert_eq!(c.nat.dns_match4, Some(v4("192.0.2.1")));
+        assert_eq!(c.nat.dns_host4, Some(v4("127.0.0.53")));
+        assert_eq!(c.nat.dns_match6, Some(v6("fe80::1:1")));
+        assert_eq!(c.nat.dns_host6, Some(v6("::1")));
+
+        // Without a mapping, they are left out, with a note.
+        let args = Args::try_parse_from(["passt", "--no-map-gw"]).unwrap();
+        let c = Config::from_args(&args, &h).unwrap();
+        assert_eq!(c.net.ip4.as_ref().unwrap().dns, vec![v4("198.51.100.53")]);
+        assert!(c.net.ip6.as_ref().unwrap().dns.is_empty());
+        assert_eq!((c.nat.dns_match4, c.nat.dns_match6), (None, None));
         assert!(c.notes.iter().any(|n| n.contains("127.0.0.53")));
+        assert!(c.notes.iter().any(|n| n.contains("::1")));
+    }
+
+    #[test]
+    fn dns_forward_is_advertised_and_goes_to_the_first_resolver() {
+        let c = conf(&[
+            "--dns-forward",
+            "192.0.2.53",
+            "--dns-forward",
+            "2001:db8::53",
+        ])
+        .unwrap();
+        assert_eq!(c.net.ip4.as_ref().unwrap().dns, vec![v4("192.0.2.53")]);
+        assert_eq!(c.net.ip6.as_ref().unwrap().dns, vec![v6("2001:db8::53")]);
+        assert_eq!(c.nat.dns_match4, Some(v4("192.0.2.53")));
+        // First resolver of the family, loopback or not.
+        assert_eq!(c.nat.dns_host4, Some(v4("198.51.100.53")));
+        assert_eq!(c.nat.dns_host6, Some(v6("2001:db8:ffff::53")));
+        let c = conf(&["--dns-forward", "192.0.2.53", "--dns-host", "127.0.0.1"]).unwrap();
+        assert_eq!(c.nat.dns_host4, Some(v4("127.0.0.1")));
+        // -D still decides what is advertised; --no-dhcp-dns advertises nothing.
+        let c = conf(&["--dns-forward", "192.0.2.53", "-D", "9.9.9.9"]).unwrap();
+        assert_eq!(c.net.ip4.as_ref().unwrap().dns, vec![v4("9.9.9.9")]);
+        assert_eq!(c.nat.dns_match4, Some(v4("192.0.2.53")));
+        let c = conf(&["--dns-forward", "192.0.2.53", "--no-dhcp-dns"]).unwrap();
+        assert!(c.net.ip4.as_ref().unwrap().dns.is_empty());
+        // No resolver of the family: noted.
+        let mut h = host();
+        h.resolv.nameservers.clear();
+        let args = Args::try_parse_from(["passt", "--dns-forward", "192.0.2.53"]).unwrap();
+        let c = Config::from_args(&args, &h).unwrap();
+        assert_eq!(c.nat.dns_host4, None);
+        assert!(c.notes.iter().any(|n| n.contains("--dns-forward")));
+    }
+
+    #[test]
+    fn nat_option_errors() {
+        for (cmd, opt) in [
+            (&["--dns-forward", "x"][..], "--dns-forward"),
+            (&["--dns-forward", "127.0.0.1"], "--dns-forward"),
+            (&["--dns-forward", "224.0.0.1"], "--dns-forward"),
+            (&["--dns-host", "::"], "--dns-host"),
+            (&["--map-host-loopback", "0.0.0.0"], "--map-host-loopback"),
+            (&["--map-host-loopback", "nope"], "--map-host-loopback"),
+            (&["--udp-timeout", "0"], "--udp-timeout"),
+        ] {
+            assert_eq!(conf(cmd).unwrap_err().option, opt, "{cmd:?}");
+        }
+        assert_eq!(
+            conf(&["--udp-timeout", "5"]).unwrap().udp_timeout,
+            Duration::from_secs(5)
+        );
     }
 
     #[test]

@@ -488,3 +488,197 @@ impl StreamClient {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// UDP translation tests (tests/udp.rs): datagram frames by socket address, parsers of what
+// passt sends back, a receive that reports a timeout instead of panicking.
+// ---------------------------------------------------------------------------------------
+
+/// A whole frame carrying a UDP datagram from `src` to `dst` (same family), checksum
+/// computed; with `zero_sum`, the checksum field is left at zero ("none", IPv4 only).
+pub fn udp_frame(
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    payload: &[u8],
+    zero_sum: bool,
+) -> Vec<u8> {
+    let mut d = udp(src.ip(), dst.ip(), src.port(), dst.port(), payload);
+    if zero_sum {
+        d[6..8].fill(0);
+    }
+    match (src.ip(), dst.ip()) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(t)) => ipv4(s, t, IpProtocol::Udp, &d),
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(t)) => ipv6(s, t, IpProtocol::Udp, 64, &d),
+        _ => panic!("mixed families"),
+    }
+}
+
+/// A UDP datagram passt sent to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenUdp {
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// The UDP datagram in `frame`, if it is one; panics on a wrong IPv4 header checksum, UDP
+/// checksum or length, since passt must never send those.
+pub fn parse_udp(frame: &[u8]) -> Option<SeenUdp> {
+    use std::net::{IpAddr, SocketAddr};
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let (src, dst, l4): (IpAddr, IpAddr, &[u8]) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(&frame[14..]).ok()?;
+            if ip.next_header() != IpProtocol::Udp {
+                return None;
+            }
+            assert!(ip.verify_checksum(), "IPv4 header checksum");
+            let l4 = &frame[14 + 20..14 + usize::from(ip.total_len())];
+            (ip.src_addr().into(), ip.dst_addr().into(), l4)
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(&frame[14..]).ok()?;
+            if ip.next_header() != IpProtocol::Udp {
+                return None;
+            }
+            let l4 = &frame[14 + 40..14 + 40 + usize::from(ip.payload_len())];
+            (ip.src_addr().into(), ip.dst_addr().into(), l4)
+        }
+        _ => return None,
+    };
+    assert!(l4.len() >= 8, "short UDP datagram");
+    let len = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
+    assert_eq!(len, l4.len(), "UDP length vs IP payload length");
+    assert_ne!(&l4[6..8], &[0, 0], "passt always sends a UDP checksum");
+    let pseudo = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            checksum::pseudo_header_v4(&s, &d, IpProtocol::Udp, len as u32)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            checksum::pseudo_header_v6(&s, &d, IpProtocol::Udp, len as u32)
+        }
+        _ => unreachable!(),
+    };
+    assert_eq!(
+        checksum::combine(&[pseudo, checksum::data(l4)]),
+        0xffff,
+        "UDP checksum"
+    );
+    Some(SeenUdp {
+        src: SocketAddr::new(src, u16::from_be_bytes([l4[0], l4[1]])),
+        dst: SocketAddr::new(dst, u16::from_be_bytes([l4[2], l4[3]])),
+        payload: l4[8..].to_vec(),
+    })
+}
+
+/// An ICMP or ICMPv6 error passt sent to the guest: who from, type, code, and the quoted
+/// datagram's source and destination (from its IP and UDP headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenIcmpError {
+    pub from: std::net::IpAddr,
+    pub icmp_type: u8,
+    pub code: u8,
+    pub quoted_src: std::net::SocketAddr,
+    pub quoted_dst: std::net::SocketAddr,
+}
+
+/// The ICMP/ICMPv6 error in `frame`, if it is one (checksums verified).
+pub fn parse_icmp_error(frame: &[u8]) -> Option<SeenIcmpError> {
+    use std::net::{IpAddr, SocketAddr};
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(&frame[14..]).ok()?;
+            if ip.next_header() != IpProtocol::Icmp {
+                return None;
+            }
+            let m = ip.payload();
+            if !matches!(m.first(), Some(3 | 11)) {
+                return None;
+            }
+            assert_eq!(sum_parts(&[m]), 0, "ICMP checksum");
+            let inner = Ipv4Packet::new_checked(&m[8..]).ok()?;
+            let q = &m[8 + 20..];
+            Some(SeenIcmpError {
+                from: ip.src_addr().into(),
+                icmp_type: m[0],
+                code: m[1],
+                quoted_src: SocketAddr::new(
+                    inner.src_addr().into(),
+                    u16::from_be_bytes([q[0], q[1]]),
+                ),
+                quoted_dst: SocketAddr::new(
+                    inner.dst_addr().into(),
+                    u16::from_be_bytes([q[2], q[3]]),
+                ),
+            })
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(&frame[14..]).ok()?;
+            if ip.next_header() != IpProtocol::Icmpv6 {
+                return None;
+            }
+            let m = ip.payload();
+            if !matches!(m.first(), Some(1..=3)) {
+                return None;
+            }
+            let (s, d): (IpAddr, IpAddr) = (ip.src_addr().into(), ip.dst_addr().into());
+            let pseudo = match (s, d) {
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    checksum::pseudo_header_v6(&s, &d, IpProtocol::Icmpv6, m.len() as u32)
+                }
+                _ => unreachable!(),
+            };
+            assert_eq!(
+                checksum::combine(&[pseudo, checksum::data(m)]),
+                0xffff,
+                "ICMPv6 checksum"
+            );
+            let inner = Ipv6Packet::new_checked(&m[8..]).ok()?;
+            let q = &m[8 + 40..];
+            Some(SeenIcmpError {
+                from: s,
+                icmp_type: m[0],
+                code: m[1],
+                quoted_src: SocketAddr::new(
+                    inner.src_addr().into(),
+                    u16::from_be_bytes([q[0], q[1]]),
+                ),
+                quoted_dst: SocketAddr::new(
+                    inner.dst_addr().into(),
+                    u16::from_be_bytes([q[2], q[3]]),
+                ),
+            })
+        }
+        _ => None,
+    }
+}
+
+impl StreamClient {
+    /// The next frame before `deadline`; `None` if none came by then. Panics on EOF.
+    pub fn recv_by(&mut self, deadline: Instant) -> Option<Vec<u8>> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if self.buf.len() >= 4 + len {
+                    let frame = self.buf[4..4 + len].to_vec();
+                    self.buf.drain(..4 + len);
+                    return Some(frame);
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.sock.read(&mut chunk) {
+                Ok(0) => panic!("passt closed the connection"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => panic!("read from passt: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,1076 @@
+//! UDP, translated datagram by datagram to host UDP sockets.
+//!
+//! # Theory of operation
+//! UDP has no connections, but most protocols use it as if it had: a client sends from a
+//! port of its choosing to a server's port, and the server answers with addresses and
+//! ports swapped. We track such pseudo-connections as *flows*, keyed by the guest's view of
+//! both ends: (guest address and port, remote address and port).
+//!
+//! Outbound (guest → remote), for the first datagram of a flow:
+//! 1. The guest's remote address is translated to the host-side target: the DNS-forwarding
+//!    address on port 53 becomes the host's resolver (`--dns-forward`, `--dns-host`); the
+//!    host-loopback address (the gateway by default, `--map-host-loopback`) becomes
+//!    127.0.0.1 or ::1. Anything else stays as it is.
+//! 2. A socket is opened for the flow, bound to the guest's source port where the host
+//!    lets us (`SO_REUSEADDR`, so one guest port can have flows to many peers, each with its
+//!    own socket on that port), else to an ephemeral one, and *connected* to the target. The
+//!    connection makes the kernel deliver only that peer's datagrams to it, so the socket's
+//!    epoll token names the flow: no lookup on the way back.
+//! 3. Every datagram of the flow is sent on that socket as the guest wrote it: payload only,
+//!    the kernel writes the headers.
+//!
+//! Inbound (remote → guest): a readable flow socket's datagrams are read behind room for
+//! Ethernet, IP and UDP headers, which are written from the flow's key, so replies come from
+//! the address and port the guest sent to (the gateway or the DNS-forwarding address, when
+//! those were mapped), and go to the guest's address and port.
+//!
+//! Errors: sockets have `IP_RECVERR`/`IPV6_RECVERR` on; ICMP errors the host receives for a
+//! flow (port unreachable, fragmentation needed / packet too big, time exceeded) are read
+//! from the error queue and relayed to the guest as the matching ICMP or ICMPv6 error, which
+//! quotes the guest's datagram as the guest sent it.
+//!
+//! Checks on guest datagrams: UDP length within the IP payload, checksum correct (or zero,
+//! over IPv4: "no checksum"), not a fragment, destination unicast and port non-zero. Anything
+//! else is dropped and counted. Zero-length datagrams pass in both directions.
+//!
+//! Limits: [`MAX_FLOWS`] concurrent flows (new flows beyond are dropped and counted); a
+//! flow idle for the configured timeout ([`DEFAULT_IDLE_TIMEOUT`] unless `--udp-timeout`)
+//! is closed by [`Udp::expire`]. Datagrams towards the guest larger than what fits
+//! [`crate::tap::MAX_FRAME`] (65507 bytes of payload over IPv4, 65487 over IPv6) are
+//! dropped and counted. The receive buffers serve every flow: nothing is allocated per
+//! datagram. Host datagrams are read in batches ([`BATCH`] per `recvmmsg`, at most
+//! [`RECV_BUDGET`] per readiness event). Not yet: inbound `-u` forwarding, `sendmmsg`
+//! towards the host (datagrams go out one `send` each).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrStorage,
+};
+use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
+
+use crate::conf::{Config, Nat};
+use crate::event::{Register, Token};
+use crate::logger::Limiter;
+use crate::tap::{ToGuest, MAX_FRAME};
+use crate::wire;
+
+pub const MAX_FLOWS: usize = 4096;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+pub const UDP_HLEN: usize = 8;
+/// Largest payload towards the guest over IPv4: also IPv4's own limit (65535 - 28).
+pub const MAX_PAYLOAD_V4: usize = MAX_FRAME - wire::ETH_HLEN - wire::IPV4_HLEN - UDP_HLEN;
+/// Largest payload towards the guest over IPv6: what fits [`MAX_FRAME`].
+pub const MAX_PAYLOAD_V6: usize = MAX_FRAME - wire::ETH_HLEN - wire::IPV6_HLEN - UDP_HLEN;
+/// Where received payload starts in the buffer: room for the longest headers before it.
+const PAYLOAD_AT: usize = 128;
+/// Datagrams read from one socket per readiness event, so one busy flow can't starve the
+/// others (epoll is level-triggered: the rest comes with the next wait).
+const RECV_BUDGET: usize = 64;
+/// Datagrams read by one `recvmmsg` call, each into its own slot of [`SLOT`] bytes.
+const BATCH: usize = 32;
+/// A receive slot: header room, the largest payload, one byte to tell a longer datagram.
+const SLOT: usize = PAYLOAD_AT + MAX_PAYLOAD_V4 + 1;
+const DNS_PORT: u16 = 53;
+/// How much of the guest's datagram (from its IP header on) an ICMP error quotes: what
+/// keeps the error within the minimum MTU of the family.
+const ICMP4_QUOTE: usize = 576 - wire::IPV4_HLEN - 8;
+const ICMP6_QUOTE: usize = 1280 - wire::IPV6_HLEN - 8;
+
+/// A flow's position in the table, carried in its socket's epoll token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UdpFlowIdx(pub u32);
+
+/// What the UDP translation needs from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpConfig {
+    pub idle_timeout: Duration,
+    pub nat: Nat,
+}
+
+impl UdpConfig {
+    /// The UDP part of `cfg`, or `None` with `--no-udp`.
+    pub fn from_config(cfg: &Config) -> Option<Self> {
+        cfg.udp.then(|| UdpConfig {
+            idle_timeout: cfg.udp_timeout,
+            nat: cfg.nat.clone(),
+        })
+    }
+}
+
+/// Both ends of a flow as the guest sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    guest: SocketAddr,
+    remote: SocketAddr,
+}
+
+struct Flow {
+    key: Key,
+    sock: OwnedFd,
+    last_used: Instant,
+}
+
+/// Counters of the UDP translation.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UdpStats {
+    pub from_guest: u64,
+    pub to_guest: u64,
+    /// Guest datagrams with a wrong UDP checksum (or none, over IPv6).
+    pub bad_checksum: u64,
+    /// Truncated or inconsistent guest datagrams, IPv4 fragments.
+    pub malformed: u64,
+    /// Guest datagrams we couldn't send: no flow, unroutable, socket errors.
+    pub dropped: u64,
+    /// Host datagrams too large for a frame to the guest.
+    pub too_big: u64,
+    /// Host datagrams the guest back-end had no room for.
+    pub guest_drops: u64,
+    /// ICMP/ICMPv6 errors relayed to the guest.
+    pub icmp_errors: u64,
+    pub flows_opened: u64,
+    pub flows_expired: u64,
+    /// New flows refused because the table (or the process's descriptors) ran out.
+    pub table_full: u64,
+}
+
+/// The UDP flow table.
+pub struct Udp {
+    cfg: UdpConfig,
+    flows: Vec<Option<Flow>>,
+    by_key: HashMap<Key, UdpFlowIdx>,
+    /// Free slots, lowest on top.
+    free: Vec<u32>,
+    stats: UdpStats,
+    log_limit: Limiter,
+    /// Where ICMP errors are read and built.
+    buf: Box<[u8]>,
+    /// [`BATCH`] receive slots for datagrams towards the guest.
+    slots: Box<[u8]>,
+    /// Control messages of the error queue (`u64` for `cmsghdr` alignment).
+    cmsg: Box<[u64]>,
+}
+
+impl Udp {
+    pub fn new(cfg: UdpConfig) -> Self {
+        Udp {
+            cfg,
+            flows: (0..MAX_FLOWS).map(|_| None).collect(),
+            by_key: HashMap::with_capacity(MAX_FLOWS),
+            free: (0..MAX_FLOWS as u32).rev().collect(),
+            stats: UdpStats::default(),
+            log_limit: Limiter::new(),
+            // One more byte than the largest payload: a longer datagram shows as such.
+            buf: vec![0u8; PAYLOAD_AT + MAX_PAYLOAD_V4 + 1].into_boxed_slice(),
+            cmsg: vec![0u64; 64].into_boxed_slice(),
+            slots: vec![0u8; BATCH * SLOT].into_boxed_slice(),
+        }
+    }
+
+    pub fn stats(&self) -> UdpStats {
+        self.stats
+    }
+
+    pub fn active_flows(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// A guest UDP datagram in an IPv4 packet (`ip` starts at the IP header).
+    pub fn from_guest_v4(&mut self, ip: &[u8], now: Instant, reg: &mut dyn Register) {
+        let Ok(pkt) = Ipv4Packet::new_checked(ip) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if pkt.more_frags() || pkt.frag_offset() != 0 {
+            self.stats.malformed += 1;
+            return;
+        }
+        let (src, dst) = (IpAddr::V4(pkt.src_addr()), IpAddr::V4(pkt.dst_addr()));
+        self.datagram(src, dst, pkt.payload(), now, reg);
+    }
+
+    /// A guest UDP datagram in an IPv6 packet (UDP right after the fixed header).
+    pub fn from_guest_v6(&mut self, ip: &[u8], now: Instant, reg: &mut dyn Register) {
+        let Ok(pkt) = Ipv6Packet::new_checked(ip) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let (src, dst) = (IpAddr::V6(pkt.src_addr()), IpAddr::V6(pkt.dst_addr()));
+        self.datagram(src, dst, pkt.payload(), now, reg);
+    }
+
+    fn datagram(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        l4: &[u8],
+        now: Instant,
+        reg: &mut dyn Register,
+    ) {
+        let payload = match check_udp(src, dst, l4) {
+            Ok(p) => p,
+            Err(Reject::Malformed) => {
+                self.stats.malformed += 1;
+                return;
+            }
+            Err(Reject::Checksum) => {
+                self.stats.bad_checksum += 1;
+                return;
+            }
+        };
+        self.stats.from_guest += 1;
+        let (sport, dport) = (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        );
+        if !wire::is_unicast(src) || !wire::is_unicast(dst) || dport == 0 {
+            self.stats.dropped += 1;
+            return;
+        }
+        let key = Key {
+            guest: SocketAddr::new(src, sport),
+            remote: SocketAddr::new(dst, dport),
+        };
+        let idx = match self.by_key.get(&key) {
+            Some(&idx) => idx,
+            None => match self.open(key, now, reg) {
+                Some(idx) => idx,
+                None => {
+                    self.stats.dropped += 1;
+                    return;
+                }
+            },
+        };
+        let Some(flow) = self.flows.get_mut(idx.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        flow.last_used = now;
+        let fd = flow.sock.as_raw_fd();
+        // A refusal pending from an earlier datagram is reported (and cleared) by this
+        // send: it was relayed from the error queue already, so this one is sent again.
+        let mut sent = send(fd, payload);
+        if sent == Err(Errno::ECONNREFUSED) {
+            sent = send(fd, payload);
+        }
+        if let Err(e) = sent {
+            self.stats.dropped += 1;
+            crate::limited!(
+                self.log_limit,
+                now,
+                debug,
+                "udp: send to {} failed: {e}",
+                key.remote
+            );
+        }
+    }
+
+    /// Where a datagram to `remote` (as the guest addressed it) goes on the host, or `None`
+    /// if the guest may not reach it.
+    fn target(&self, remote: SocketAddr) -> Option<SocketAddr> {
+        let nat = &self.cfg.nat;
+        let port = remote.port();
+        let ip = match remote.ip() {
+            IpAddr::V4(a) => {
+                if let (true, Some(m), Some(h)) = (port == DNS_PORT, nat.dns_match4, nat.dns_host4)
+                {
+                    if a == m {
+                        return Some(SocketAddr::new(IpAddr::V4(h), DNS_PORT));
+                    }
+                }
+                if nat.map_host_loopback4 == Some(a) {
+                    IpAddr::V4(Ipv4Addr::LOCALHOST)
+                } else if a.is_loopback() {
+                    return None;
+                } else {
+                    IpAddr::V4(a)
+                }
+            }
+            IpAddr::V6(a) => {
+                if let (true, Some(m), Some(h)) = (port == DNS_PORT, nat.dns_match6, nat.dns_host6)
+                {
+                    if a == m {
+                        return Some(SocketAddr::new(IpAddr::V6(h), DNS_PORT));
+                    }
+                }
+                if nat.map_host_loopback6 == Some(a) {
+                    IpAddr::V6(Ipv6Addr::LOCALHOST)
+                } else if a.is_loopback() || crate::conf::is_link_local6(a) {
+                    // Other link-local addresses are on the guest's link, not the host's.
+                    return None;
+                } else {
+                    IpAddr::V6(a)
+                }
+            }
+        };
+        Some(SocketAddr::new(ip, port))
+    }
+
+    fn open(&mut self, key: Key, now: Instant, reg: &mut dyn Register) -> Option<UdpFlowIdx> {
+        let Some(target) = self.target(key.remote) else {
+            crate::limited!(
+                self.log_limit,
+                now,
+                debug,
+                "udp: {} is not reachable from the guest",
+                key.remote
+            );
+            return None;
+        };
+        let Some(&slot) = self.free.last() else {
+            self.stats.table_full += 1;
+            crate::limited!(
+                self.log_limit,
+                now,
+                warn,
+                "udp: flow table full ({MAX_FLOWS} flows), dropping datagram"
+            );
+            return None;
+        };
+        let sock = match flow_socket(target, key.guest.port()) {
+            Ok(s) => s,
+            Err(e) => {
+                if e == Errno::EMFILE || e == Errno::ENFILE {
+                    self.stats.table_full += 1;
+                }
+                crate::limited!(
+                    self.log_limit,
+                    now,
+                    warn,
+                    "udp: can't open a socket to {target}: {e}"
+                );
+                return None;
+            }
+        };
+        let idx = UdpFlowIdx(slot);
+        if let Err(e) = reg.add(
+            sock.as_raw_fd(),
+            epoll::Events::EPOLLIN,
+            Token::UdpSock(idx),
+        ) {
+            crate::limited!(
+                self.log_limit,
+                now,
+                warn,
+                "udp: can't watch a flow socket: {e}"
+            );
+            return None;
+        }
+        self.free.pop();
+        self.flows[slot as usize] = Some(Flow {
+            key,
+            sock,
+            last_used: now,
+        });
+        self.by_key.insert(key, idx);
+        self.stats.flows_opened += 1;
+        log::debug!(
+            "udp: flow {slot}: {} -> {} (host side {target})",
+            key.guest,
+            key.remote
+        );
+        Some(idx)
+    }
+
+    /// A flow's socket is readable, or (`err`) has an error pending: relay datagrams and
+    /// ICMP errors to the guest.
+    pub fn from_sock(
+        &mut self,
+        idx: UdpFlowIdx,
+        err: bool,
+        now: Instant,
+        guest_mac: [u8; 6],
+        our_mac: [u8; 6],
+        to_guest: &mut dyn ToGuest,
+    ) {
+        let Some(flow) = self.flows.get_mut(idx.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let key = flow.key;
+        let fd = flow.sock.as_raw_fd();
+        let max = match key.remote {
+            SocketAddr::V4(_) => MAX_PAYLOAD_V4,
+            SocketAddr::V6(_) => MAX_PAYLOAD_V6,
+        };
+        let start = PAYLOAD_AT - UDP_HLEN - wire::l3_header_len(key.remote.is_ipv6());
+        let mut errors_pending = err;
+        for _ in 0..RECV_BUDGET.div_ceil(BATCH) {
+            if errors_pending {
+                self.relay_errors(fd, key, now, guest_mac, our_mac, to_guest);
+                errors_pending = false;
+            }
+            // SAFETY: all-zero iovecs and mmsghdrs are valid values, filled in below.
+            let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+            let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+            for (i, (iov, hdr)) in iovs.iter_mut().zip(hdrs.iter_mut()).enumerate() {
+                let slot = &mut self.slots[i * SLOT + PAYLOAD_AT..(i + 1) * SLOT];
+                iov.iov_base = slot.as_mut_ptr().cast();
+                iov.iov_len = slot.len();
+                hdr.msg_hdr.msg_iov = iov;
+                hdr.msg_hdr.msg_iovlen = 1;
+            }
+            // SAFETY: each header points at its own iovec, each iovec at its own slot of
+            // `self.slots`; all outlive the call. With MSG_TRUNC, `msg_len` is the
+            // datagram's real length, even when longer than the slot.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    hdrs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                match Errno::last() {
+                    Errno::EAGAIN => break,
+                    Errno::EINTR => continue,
+                    // An ICMP error (ECONNREFUSED, EHOSTUNREACH, ...): details are queued.
+                    _ => {
+                        errors_pending = true;
+                        continue;
+                    }
+                }
+            }
+            let n = n as usize;
+            if n > 0 {
+                if let Some(f) = self.flows[idx.0 as usize].as_mut() {
+                    f.last_used = now;
+                }
+            }
+            for (i, hdr) in hdrs.iter().enumerate().take(n) {
+                let len = hdr.msg_len as usize;
+                if len > max {
+                    self.stats.too_big += 1;
+                    continue;
+                }
+                let frame = &mut self.slots[i * SLOT + start..i * SLOT + PAYLOAD_AT + len];
+                if emit_udp(frame, guest_mac, our_mac, key.remote, key.guest).is_none() {
+                    continue;
+                }
+                if to_guest.send(&[frame]) {
+                    self.stats.to_guest += 1;
+                } else {
+                    self.stats.guest_drops += 1;
+                }
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+        if errors_pending {
+            self.relay_errors(fd, key, now, guest_mac, our_mac, to_guest);
+        }
+    }
+
+    /// Reads the socket's error queue and turns each ICMP error into one for the guest.
+    fn relay_errors(
+        &mut self,
+        fd: RawFd,
+        key: Key,
+        now: Instant,
+        guest_mac: [u8; 6],
+        our_mac: [u8; 6],
+        to_guest: &mut dyn ToGuest,
+    ) {
+        let v6 = key.remote.is_ipv6();
+        for _ in 0..RECV_BUDGET {
+            let Some((n, ee)) = read_error(fd, &mut self.buf[PAYLOAD_AT..], &mut self.cmsg) else {
+                return;
+            };
+            let Some((icmp_type, icmp_code, info)) = icmp_for_guest(v6, &ee) else {
+                continue;
+            };
+            let from = match ee.offender {
+                Some(o) if o.is_ipv6() == v6 && wire::is_unicast(o) && !o.is_loopback() => {
+                    if Some(o) == self.target(key.remote).map(|t| t.ip()) {
+                        key.remote.ip()
+                    } else {
+                        o
+                    }
+                }
+                _ => key.remote.ip(),
+            };
+            let Some(len) = emit_icmp_error(
+                &mut self.buf,
+                n,
+                (guest_mac, our_mac),
+                from,
+                key,
+                (icmp_type, icmp_code, info),
+            ) else {
+                continue;
+            };
+            let start = PAYLOAD_AT - icmp_error_headroom(v6);
+            if to_guest.send(&[&self.buf[start..start + len]]) {
+                self.stats.icmp_errors += 1;
+            } else {
+                self.stats.guest_drops += 1;
+            }
+            crate::limited!(
+                self.log_limit,
+                now,
+                debug,
+                "udp: ICMP error {icmp_type}/{icmp_code} for {} -> {}",
+                key.guest,
+                key.remote
+            );
+        }
+    }
+
+    /// Closes flows idle for the configured timeout. Dropping the socket also removes it
+    /// from epoll.
+    pub fn expire(&mut self, now: Instant) {
+        let timeout = self.cfg.idle_timeout;
+        for (i, slot) in self.flows.iter_mut().enumerate() {
+            if slot
+                .as_ref()
+                .is_some_and(|f| now.saturating_duration_since(f.last_used) >= timeout)
+            {
+                if let Some(f) = slot.take() {
+                    self.by_key.remove(&f.key);
+                    self.free.push(i as u32);
+                    self.stats.flows_expired += 1;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reject {
+    Malformed,
+    Checksum,
+}
+
+/// Validates a UDP header and checksum; returns the payload.
+fn check_udp(src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<&[u8], Reject> {
+    if l4.len() < UDP_HLEN {
+        return Err(Reject::Malformed);
+    }
+    let len = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
+    if len < UDP_HLEN || len > l4.len() {
+        return Err(Reject::Malformed);
+    }
+    let dgram = &l4[..len];
+    let sum = u16::from_be_bytes([l4[6], l4[7]]);
+    let valid = match src {
+        // Zero: the sender computed no checksum, which IPv4 allows.
+        IpAddr::V4(_) if sum == 0 => true,
+        IpAddr::V6(_) if sum == 0 => false,
+        _ => wire::l4_checksum(src, dst, IpProtocol::Udp, &[dgram]) == 0,
+    };
+    if valid {
+        Ok(&dgram[UDP_HLEN..])
+    } else {
+        Err(Reject::Checksum)
+    }
+}
+
+/// Writes Ethernet, IP and UDP headers in front of the payload that ends `frame`, from
+/// `from` to `to`, UDP checksum included. `frame` starts at the Ethernet header.
+fn emit_udp(
+    frame: &mut [u8],
+    guest_mac: [u8; 6],
+    our_mac: [u8; 6],
+    from: SocketAddr,
+    to: SocketAddr,
+) -> Option<()> {
+    let hlen = wire::l3_header_len(from.is_ipv6());
+    let udp_len = frame.len().checked_sub(hlen)?;
+    let len16 = u16::try_from(udp_len).ok()?;
+    let udp = &mut frame[hlen..];
+    udp[0..2].copy_from_slice(&from.port().to_be_bytes());
+    udp[2..4].copy_from_slice(&to.port().to_be_bytes());
+    udp[4..6].copy_from_slice(&len16.to_be_bytes());
+    udp[6..8].fill(0);
+    let mut sum = wire::l4_checksum(from.ip(), to.ip(), IpProtocol::Udp, &[udp]);
+    // Zero means "no checksum": a computed zero is sent as its other form.
+    if sum == 0 {
+        sum = 0xffff;
+    }
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    wire::emit_l3(
+        &mut frame[..hlen],
+        guest_mac,
+        our_mac,
+        from.ip(),
+        to.ip(),
+        IpProtocol::Udp,
+        udp_len,
+    )?;
+    Some(())
+}
+
+fn send(fd: RawFd, payload: &[u8]) -> Result<usize, Errno> {
+    loop {
+        match socket::send(fd, payload, MsgFlags::MSG_DONTWAIT) {
+            Err(Errno::EINTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// A socket for one flow: bound to `port` if the host lets us, else ephemeral; connected to
+/// `target`; extended errors on.
+fn flow_socket(target: SocketAddr, port: u16) -> Result<OwnedFd, Errno> {
+    let family = match target {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let sock = socket::socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::Udp,
+    )?;
+    // Several flows from one guest port, to different peers, share the host port; being
+    // connected, each still receives only its own peer's datagrams.
+    socket::setsockopt(&sock, sockopt::ReuseAddr, &true)?;
+    let fd = sock.as_raw_fd();
+    let on: libc::c_int = 1;
+    let (level, opt) = match target {
+        SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_RECVERR),
+        SocketAddr::V6(_) => {
+            // Don't take the IPv4 port of the same number as well.
+            socket::setsockopt(&sock, sockopt::Ipv6V6Only, &true)?;
+            (libc::SOL_IPV6, libc::IPV6_RECVERR)
+        }
+    };
+    // SAFETY: `on` outlives the call and its size is passed along.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(Errno::last());
+    }
+    let unspecified = wire::unspecified_like(target.ip());
+    let local: SockaddrStorage = SocketAddr::new(unspecified, port).into();
+    if socket::bind(fd, &local).is_err() {
+        let any: SockaddrStorage = SocketAddr::new(unspecified, 0).into();
+        socket::bind(fd, &any)?;
+    }
+    let dst: SockaddrStorage = match target {
+        SocketAddr::V4(a) => SocketAddrV4::new(*a.ip(), a.port()).into(),
+        SocketAddr::V6(a) => SocketAddrV6::new(*a.ip(), a.port(), 0, 0).into(),
+    };
+    socket::connect(fd, &dst)?;
+    Ok(sock)
+}
+
+/// One entry of a socket's error queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ExtErr {
+    origin: u8,
+    icmp_type: u8,
+    code: u8,
+    info: u32,
+    offender: Option<IpAddr>,
+}
+
+/// Reads one error-queue entry: the quoted payload into `data` (its length returned) and
+/// the extended error. `None` when the queue is empty.
+fn read_error(fd: RawFd, data: &mut [u8], cmsg: &mut [u64]) -> Option<(usize, ExtErr)> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(cmsg);
+    // SAFETY: `msg` describes buffers we own for the duration of the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return None;
+    }
+    let mut found = None;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel just filled, within
+    // `msg_controllen`; the payload is read unaligned, as it may not be aligned.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let (level, ty) = ((*c).cmsg_level, (*c).cmsg_type);
+            if (level == libc::SOL_IP && ty == libc::IP_RECVERR)
+                || (level == libc::SOL_IPV6 && ty == libc::IPV6_RECVERR)
+            {
+                let ee_ptr = libc::CMSG_DATA(c) as *const libc::sock_extended_err;
+                let ee: libc::sock_extended_err = std::ptr::read_unaligned(ee_ptr);
+                let off = libc::SO_EE_OFFENDER(ee_ptr);
+                let offender = match i32::from((*off).sa_family) {
+                    libc::AF_INET => {
+                        let sin: libc::sockaddr_in = std::ptr::read_unaligned(off.cast());
+                        Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6: libc::sockaddr_in6 = std::ptr::read_unaligned(off.cast());
+                        Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+                    }
+                    _ => None,
+                };
+                found = Some(ExtErr {
+                    origin: ee.ee_origin,
+                    icmp_type: ee.ee_type,
+                    code: ee.ee_code,
+                    info: ee.ee_info,
+                    offender,
+                });
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Some((n as usize, found?))
+}
+
+/// The ICMP error (type, code, the 32 bits after the checksum) to give the guest for an
+/// error the host received, if it is one the guest should see.
+fn icmp_for_guest(v6: bool, ee: &ExtErr) -> Option<(u8, u8, u32)> {
+    match (v6, ee.origin) {
+        // Destination unreachable (fragmentation needed carries the next-hop MTU in the
+        // low 16 bits), time exceeded.
+        (false, libc::SO_EE_ORIGIN_ICMP) => match ee.icmp_type {
+            3 if ee.code == 4 => Some((3, 4, ee.info & 0xffff)),
+            3 | 11 => Some((ee.icmp_type, ee.code, 0)),
+            _ => None,
+        },
+        // Destination unreachable, packet too big (MTU), time exceeded.
+        (true, libc::SO_EE_ORIGIN_ICMP6) => match ee.icmp_type {
+            2 => Some((2, 0, ee.info)),
+            1 | 3 => Some((ee.icmp_type, ee.code, 0)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Bytes an ICMP error for the guest needs in front of the quoted payload: Ethernet, IP,
+/// ICMP, then the guest's own IP and UDP headers.
+const fn icmp_error_headroom(v6: bool) -> usize {
+    let ip = if v6 { wire::IPV6_HLEN } else { wire::IPV4_HLEN };
+    wire::ETH_HLEN + ip + 8 + ip + UDP_HLEN
+}
+
+/// Builds, in `buf`, an ICMP error from `from` to the guest quoting the guest's datagram
+/// (its payload, `n` bytes, already at [`PAYLOAD_AT`]) as the guest sent it. Returns the
+/// frame's length; the frame starts at `PAYLOAD_AT - icmp_error_headroom(v6)`.
+fn emit_icmp_error(
+    buf: &mut [u8],
+    n: usize,
+    (guest_mac, our_mac): ([u8; 6], [u8; 6]),
+    from: IpAddr,
+    key: Key,
+    (icmp_type, code, info): (u8, u8, u32),
+) -> Option<usize> {
+    let v6 = key.remote.is_ipv6();
+    let ip_hlen = if v6 { wire::IPV6_HLEN } else { wire::IPV4_HLEN };
+    let start = PAYLOAD_AT - icmp_error_headroom(v6);
+    let inner_at = start + wire::ETH_HLEN + ip_hlen + 8;
+    let udp_at = inner_at + ip_hlen;
+    // The guest's datagram, headers rebuilt from the flow (the kernel gave us its payload).
+    let udp_len = u16::try_from(UDP_HLEN + n).ok()?;
+    {
+        let udp = &mut buf[udp_at..PAYLOAD_AT + n];
+        udp[0..2].copy_from_slice(&key.guest.port().to_be_bytes());
+        udp[2..4].copy_from_slice(&key.remote.port().to_be_bytes());
+        udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+        udp[6..8].fill(0);
+        let mut sum = wire::l4_checksum(key.guest.ip(), key.remote.ip(), IpProtocol::Udp, &[udp]);
+        if sum == 0 {
+            sum = 0xffff;
+        }
+        udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    }
+    // emit_l3 writes an Ethernet header too: build the inner IP header 14 bytes early,
+    // into the ICMP header's place, which is written afterwards.
+    let mut scratch = [0u8; wire::ETH_HLEN + wire::IPV6_HLEN];
+    wire::emit_l3(
+        &mut scratch[..wire::ETH_HLEN + ip_hlen],
+        our_mac,
+        guest_mac,
+        key.guest.ip(),
+        key.remote.ip(),
+        IpProtocol::Udp,
+        usize::from(udp_len),
+    )?;
+    buf[inner_at..udp_at].copy_from_slice(&scratch[wire::ETH_HLEN..wire::ETH_HLEN + ip_hlen]);
+    let quote = (ip_hlen + usize::from(udp_len)).min(if v6 { ICMP6_QUOTE } else { ICMP4_QUOTE });
+    let icmp_at = inner_at - 8;
+    let icmp_len = 8 + quote;
+    {
+        let icmp = &mut buf[icmp_at..icmp_at + icmp_len];
+        icmp[0] = icmp_type;
+        icmp[1] = code;
+        icmp[2..4].fill(0);
+        icmp[4..8].copy_from_slice(&info.to_be_bytes());
+        let sum = if v6 {
+            wire::l4_checksum(from, key.guest.ip(), IpProtocol::Icmpv6, &[icmp])
+        } else {
+            wire::icmp4_checksum(&[icmp])
+        };
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    let proto = if v6 {
+        IpProtocol::Icmpv6
+    } else {
+        IpProtocol::Icmp
+    };
+    wire::emit_l3(
+        &mut buf[start..icmp_at],
+        guest_mac,
+        our_mac,
+        from,
+        key.guest.ip(),
+        proto,
+        icmp_len,
+    )?;
+    Some(icmp_at + icmp_len - start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::net::UdpSocket;
+
+    struct NoReg;
+    impl Register for NoReg {
+        fn add(&mut self, _fd: RawFd, _events: epoll::Events, _token: Token) -> io::Result<()> {
+            Ok(())
+        }
+        fn modify(&mut self, _fd: RawFd, _events: epoll::Events, _token: Token) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Sink(Vec<Vec<u8>>);
+    impl ToGuest for Sink {
+        fn send(&mut self, parts: &[&[u8]]) -> bool {
+            self.0.push(parts.concat());
+            true
+        }
+        fn flush(&mut self) {}
+    }
+
+    const GUEST4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+    const GW4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+    fn cfg() -> UdpConfig {
+        UdpConfig {
+            idle_timeout: Duration::from_secs(180),
+            nat: Nat {
+                map_host_loopback4: Some(GW4),
+                map_host_loopback6: Some("fe80::1".parse().unwrap()),
+                dns_match4: Some(Ipv4Addr::new(192, 0, 2, 53)),
+                dns_host4: Some(Ipv4Addr::new(127, 0, 0, 53)),
+                dns_match6: None,
+                dns_host6: None,
+            },
+        }
+    }
+
+    /// UDP datagram in an IPv4 packet (IP header on), checksum computed unless `sum` given.
+    fn dgram4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0u8; wire::l3_header_len(false) + UDP_HLEN + payload.len()];
+        frame[wire::l3_header_len(false) + UDP_HLEN..].copy_from_slice(payload);
+        emit_udp(
+            &mut frame,
+            [0; 6],
+            [0; 6],
+            SocketAddr::new(src.into(), sport),
+            SocketAddr::new(dst.into(), dport),
+        )
+        .unwrap();
+        frame.split_off(wire::ETH_HLEN)
+    }
+
+    #[test]
+    fn checksums_zero_bad_and_truncated() {
+        let (s, d) = (IpAddr::V4(GUEST4), IpAddr::V4(GW4));
+        let ip = dgram4(GUEST4, GW4, 1000, 2000, b"hello");
+        let l4 = &ip[20..];
+        assert_eq!(check_udp(s, d, l4), Ok(&b"hello"[..]));
+        let mut zero = l4.to_vec();
+        zero[6..8].fill(0);
+        assert_eq!(check_udp(s, d, &zero), Ok(&b"hello"[..]));
+        let mut bad = l4.to_vec();
+        bad[9] ^= 0x40;
+        assert_eq!(check_udp(s, d, &bad), Err(Reject::Checksum));
+        // Over IPv6, zero is not "no checksum": it is wrong.
+        let (s6, d6): (IpAddr, IpAddr) = (
+            "2001:db8::2".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        );
+        assert_eq!(check_udp(s6, d6, &zero), Err(Reject::Checksum));
+        for cut in 0..l4.len() {
+            assert!(check_udp(s, d, &l4[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut short_len = l4.to_vec();
+        short_len[4..6].copy_from_slice(&7u16.to_be_bytes());
+        assert_eq!(check_udp(s, d, &short_len), Err(Reject::Malformed));
+        // Trailing bytes beyond the UDP length (padding) are not payload.
+        let mut padded = l4.to_vec();
+        padded.extend([0xaa; 3]);
+        assert_eq!(check_udp(s, d, &padded), Ok(&b"hello"[..]));
+        // Zero-length datagram.
+        let empty = dgram4(GUEST4, GW4, 1000, 2000, b"");
+        assert_eq!(check_udp(s, d, &empty[20..]), Ok(&b""[..]));
+    }
+
+    #[test]
+    fn targets_follow_the_mappings() {
+        let u = Udp::new(cfg());
+        let t = |a: &str| u.target(a.parse().unwrap());
+        assert_eq!(t("192.0.2.1:5000"), Some("127.0.0.1:5000".parse().unwrap()));
+        assert_eq!(t("192.0.2.53:53"), Some("127.0.0.53:53".parse().unwrap()));
+        assert_eq!(t("192.0.2.53:54"), Some("192.0.2.53:54".parse().unwrap()));
+        assert_eq!(t("198.51.100.1:7"), Some("198.51.100.1:7".parse().unwrap()));
+        assert_eq!(t("127.0.0.1:7"), None);
+        assert_eq!(t("[fe80::1]:7"), Some("[::1]:7".parse().unwrap()));
+        assert_eq!(t("[fe80::2]:7"), None);
+        assert_eq!(t("[::1]:7"), None);
+        let mut c = cfg();
+        c.nat.map_host_loopback4 = None;
+        assert_eq!(
+            Udp::new(c).target("192.0.2.1:5000".parse().unwrap()),
+            Some("192.0.2.1:5000".parse().unwrap())
+        );
+    }
+
+    /// A datagram to the gateway reaches a loopback server from the guest's port; the
+    /// reply comes back as a frame from the gateway; the flow is found again, then expires
+    /// on the virtual clock.
+    #[test]
+    fn flow_round_trip_lookup_and_expiry() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let mut u = Udp::new(cfg());
+        let t0 = Instant::now();
+        let guest_port = server_free_port();
+        let d = dgram4(GUEST4, GW4, guest_port, port, b"ping");
+        u.from_guest_v4(&d, t0, &mut NoReg);
+        assert_eq!(u.active_flows(), 1);
+        let mut rx = [0u8; 64];
+        let (n, from) = server.recv_from(&mut rx).unwrap();
+        assert_eq!(&rx[..n], b"ping");
+        assert_eq!(from.port(), guest_port, "guest's source port kept");
+        u.from_guest_v4(&d, t0 + Duration::from_secs(100), &mut NoReg);
+        assert_eq!(u.active_flows(), 1, "same flow reused");
+        assert_eq!(u.stats().flows_opened, 1);
+        server.recv_from(&mut rx).unwrap();
+
+        server.send_to(b"pong!", from).unwrap();
+        let mut sink = Sink(Vec::new());
+        // The socket is readable by now or shortly: block in poll rather than sleep.
+        let fd = u.flows[0].as_ref().unwrap().sock.as_raw_fd();
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+        u.from_sock(
+            UdpFlowIdx(0),
+            false,
+            t0 + Duration::from_secs(100),
+            [1; 6],
+            [2; 6],
+            &mut sink,
+        );
+        assert_eq!(sink.0.len(), 1);
+        let f = &sink.0[0];
+        let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (GW4, GUEST4));
+        let l4 = ip.payload();
+        assert_eq!(u16::from_be_bytes([l4[0], l4[1]]), port);
+        assert_eq!(u16::from_be_bytes([l4[2], l4[3]]), guest_port);
+        assert_eq!(check_udp(GW4.into(), GUEST4.into(), l4), Ok(&b"pong!"[..]));
+
+        // Last used at t0 + 100 s: alive at t0 + 279 s, gone at t0 + 280 s.
+        u.expire(t0 + Duration::from_secs(279));
+        assert_eq!(u.active_flows(), 1);
+        u.expire(t0 + Duration::from_secs(280));
+        assert_eq!(u.active_flows(), 0);
+        assert_eq!(u.stats().flows_expired, 1);
+        assert_eq!(u.free.last(), Some(&0), "slot reusable");
+    }
+
+    fn server_free_port() -> u16 {
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A closed port on loopback: the refusal comes back as ICMP port unreachable quoting
+    /// the guest's datagram.
+    #[test]
+    fn port_unreachable_reaches_the_guest() {
+        let closed = server_free_port();
+        let mut u = Udp::new(cfg());
+        let d = dgram4(GUEST4, GW4, 40000, closed, b"anyone?");
+        let t0 = Instant::now();
+        u.from_guest_v4(&d, t0, &mut NoReg);
+        let fd = u.flows[0].as_ref().unwrap().sock.as_raw_fd();
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+        assert!(pfd.revents & libc::POLLERR != 0);
+        let mut sink = Sink(Vec::new());
+        u.from_sock(UdpFlowIdx(0), true, t0, [1; 6], [2; 6], &mut sink);
+        assert_eq!(sink.0.len(), 1, "one ICMP error");
+        let ip = Ipv4Packet::new_checked(&sink.0[0][14..]).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!(ip.next_header(), IpProtocol::Icmp);
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (GW4, GUEST4));
+        let icmp = ip.payload();
+        assert_eq!((icmp[0], icmp[1]), (3, 3));
+        assert_eq!(wire::icmp4_checksum(&[icmp]), 0);
+        let inner = Ipv4Packet::new_checked(&icmp[8..]).unwrap();
+        assert_eq!((inner.src_addr(), inner.dst_addr()), (GUEST4, GW4));
+        let q = inner.payload();
+        assert_eq!(u16::from_be_bytes([q[0], q[1]]), 40000);
+        assert_eq!(u16::from_be_bytes([q[2], q[3]]), closed);
+        assert_eq!(&q[8..], b"anyone?");
+        assert_eq!(u.stats().icmp_errors, 1);
+    }
+
+    #[test]
+    fn bad_input_is_counted_not_sent() {
+        let mut u = Udp::new(cfg());
+        let now = Instant::now();
+        let mut d = dgram4(GUEST4, GW4, 1000, 2000, b"x");
+        d[28] ^= 1;
+        u.from_guest_v4(&d, now, &mut NoReg);
+        assert_eq!(u.stats().bad_checksum, 1);
+        let to_port0 = dgram4(GUEST4, GW4, 1000, 0, b"x");
+        u.from_guest_v4(&to_port0, now, &mut NoReg);
+        let bcast = dgram4(GUEST4, Ipv4Addr::BROADCAST, 1000, 9, b"x");
+        u.from_guest_v4(&bcast, now, &mut NoReg);
+        assert_eq!(u.stats().dropped, 2);
+        let mut frag = dgram4(GUEST4, GW4, 1000, 2000, b"x");
+        frag[6] |= 0x20; // more fragments
+        u.from_guest_v4(&frag, now, &mut NoReg);
+        assert_eq!(u.stats().malformed, 1);
+        assert_eq!(u.active_flows(), 0);
+    }
+}
