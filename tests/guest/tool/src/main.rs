@@ -2,7 +2,7 @@
 //!
 //! - `gtool dhcpv6 IFACE`: one SOLICIT with Rapid Commit to ff02::1:2; prints `address=`,
 //!   `dns=`, `domain=` lines from the REPLY (or ADVERTISE) and exits 0 if an address came.
-//! - `gtool udp-echo PORT`: echoes every datagram on `[::]:PORT` (v4 and v6), forever.
+//! - `gtool udp-echo PORT|ADDR:PORT`: echoes every datagram, forever.
 //! - `gtool udp-exchange ADDR:PORT COUNT SIZE WINDOW`: sends COUNT numbered datagrams of
 //!   SIZE bytes to an echo server, at most WINDOW unanswered at a time (paced by the echoes,
 //!   not by a clock), and prints `sent= received= lost=`.
@@ -10,6 +10,8 @@
 //! - `gtool udp-sink PORT COUNT`: receives numbered datagrams on PORT, answering each with
 //!   its number, until COUNT distinct ones came or 10 s pass without any; prints
 //!   `received= missing=`.
+//! - `gtool dns-server ADDR:PORT NAME IPV4`: answers A queries for NAME with IPV4, other
+//!   types for NAME with no data, other names with NXDOMAIN, forever. Runs on the test host too (static binary).
 
 use std::collections::BTreeSet;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
@@ -25,7 +27,8 @@ fn main() -> ExitCode {
         ["udp-exchange", dst, count, size, window] => udp_exchange(dst, count, size, window),
         ["udp-ask", dst, text] => udp_ask(dst, text),
         ["udp-sink", port, count] => udp_sink(port, count),
-        _ => Err("usage: gtool dhcpv6 IFACE | udp-echo PORT | udp-exchange ADDR:PORT COUNT SIZE WINDOW | udp-ask ADDR:PORT TEXT | udp-sink PORT COUNT".into()),
+        ["dns-server", bind, name, ip] => dns_server(bind, name, ip),
+        _ => Err("usage: gtool dhcpv6 IFACE | udp-echo PORT|ADDR:PORT | udp-exchange ADDR:PORT COUNT SIZE WINDOW | udp-ask ADDR:PORT TEXT | udp-sink PORT COUNT".into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -138,11 +141,20 @@ fn dns_names(mut b: &[u8]) -> Vec<String> {
     names
 }
 
-fn udp_echo(port: &str) -> R {
-    let port: u16 = num(port, "port")?;
-    let sock = UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0))
-        .map_err(|e| e.to_string())?;
-    println!("listening on {port}");
+/// `PORT` (all addresses) or `ADDR:PORT`. A server with several addresses should bind one:
+/// a wildcard socket answers from whatever address the route back picks, which a client's
+/// connected socket (and passt-rs's flow socket) rightly ignores.
+fn bind_addr(spec: &str) -> Result<SocketAddr, String> {
+    match spec.parse::<u16>() {
+        Ok(port) => Ok(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0).into()),
+        Err(_) => num(spec, "address"),
+    }
+}
+
+fn udp_echo(bind: &str) -> R {
+    let bind = bind_addr(bind)?;
+    let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    println!("listening on {bind}");
     let mut buf = vec![0u8; 65536];
     loop {
         let (n, from) = sock.recv_from(&mut buf).map_err(|e| e.to_string())?;
@@ -250,4 +262,47 @@ fn udp_sink(port: &str, count: &str) -> R {
         count.saturating_sub(seen.len())
     );
     Ok(())
+}
+
+fn dns_server(bind: &str, name: &str, ip: &str) -> R {
+    let bind: SocketAddr = num(bind, "address")?;
+    let ip: std::net::Ipv4Addr = num(ip, "IPv4 address")?;
+    let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    println!("listening on {bind}");
+    let mut q = vec![0u8; 512];
+    loop {
+        let (n, from) = sock.recv_from(&mut q).map_err(|e| e.to_string())?;
+        if n < 12 {
+            continue;
+        }
+        // Question: QNAME labels, QTYPE, QCLASS right after the 12-byte header.
+        let mut at = 12;
+        let mut labels = Vec::new();
+        while at < n && q[at] != 0 {
+            let l = q[at] as usize;
+            let Some(label) = q.get(at + 1..at + 1 + l) else {
+                break;
+            };
+            labels.push(String::from_utf8_lossy(label).into_owned());
+            at += 1 + l;
+        }
+        let qend = at + 5;
+        if qend > n {
+            continue;
+        }
+        let qtype = u16::from_be_bytes([q[at + 1], q[at + 2]]);
+        let known = labels
+            .join(".")
+            .eq_ignore_ascii_case(name.trim_end_matches('.'));
+        let hit = known && qtype == 1;
+        let mut r = q[..qend].to_vec();
+        r[2] = 0x84 | (q[2] & 0x01); // response, authoritative, RD copied
+        r[3] = if known { 0x00 } else { 0x03 }; // NOERROR (maybe without data) or NXDOMAIN
+        r[4..12].copy_from_slice(&[0, 1, 0, u8::from(hit), 0, 0, 0, 0]);
+        if hit {
+            r.extend([0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+            r.extend(ip.octets());
+        }
+        let _ = sock.send_to(&r, from);
+    }
 }

@@ -1,0 +1,106 @@
+//! UDP end to end: a real guest kernel (TCG) on passt-rs, in both modes, resolves a name
+//! through `--dns-forward` (a DNS server in the peer namespace answers), and exchanges
+//! 10 000 numbered datagrams with an echo server in the peer namespace over IPv4 and IPv6,
+//! paced by the echoes; losses are counted and must be zero.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::guest::{Guest, CMD_TIMEOUT};
+use common::netns::*;
+use common::output::Collector;
+use common::Mode;
+
+/// The address the guest is told to use as its DNS server, mapped by passt-rs to the
+/// host's resolver (198.51.100.53, served in the peer namespace).
+const DNS_FORWARD: &str = "192.0.2.53";
+const DATAGRAMS: u32 = 10_000;
+
+fn gtool() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/gtool/release/gtool")
+}
+
+/// `gtool args` in the peer namespace, once it says it listens.
+fn peer_gtool(topo: &Topology, args: &[&str]) -> std::process::Child {
+    let mut cmd = Command::new(gtool());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = topo.spawn_peer(cmd);
+    let out = Collector::new(None);
+    out.attach(child.stdout.take().expect("piped stdout"));
+    out.wait_for(0, "listening on", Instant::now() + Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("gtool {args:?} didn't listen ({e:?}): {}", out.text()));
+    child
+}
+
+fn wait_ipv6(guest: &mut Guest) {
+    let (status, seen) = guest.run(
+        "i=0; while [ $i -lt 300 ]; do \
+           ip -6 addr show dev eth0 scope global | grep 'inet6 2001:db8::' | grep -qv tentative && break; \
+           i=$((i+1)); sleep 0.1; done; \
+         ip -6 addr show dev eth0 scope global | grep 'inet6 2001:db8::' | grep -qv tentative",
+        CMD_TIMEOUT,
+    );
+    assert_eq!(status, 0, "no SLAAC address:\n{seen}");
+}
+
+fn dns_and_datagrams(mode: Mode) {
+    let _serial = common::serial();
+    let topo = Topology::new();
+    // The host's resolver lives in the peer namespace, as a real one would be out there.
+    topo.peer_ok(&format!("ip addr add {DNS_V4}/32 dev lo"));
+    let _dns = peer_gtool(
+        &topo,
+        &[
+            "dns-server",
+            &format!("{DNS_V4}:53"),
+            "passt.test",
+            "203.0.113.7",
+        ],
+    );
+    let _echo4 = peer_gtool(&topo, &["udp-echo", &format!("{REMOTE_V4}:7777")]);
+    let _echo6 = peer_gtool(&topo, &["udp-echo", &format!("[{REMOTE_V6}]:7777")]);
+
+    let (passt, mut guest) = common::passt_and_guest(&topo, mode, &["--dns-forward", DNS_FORWARD]);
+    let out = guest.run_ok("udhcpc -i eth0 -n -q -f 2>&1");
+    assert!(out.contains(&format!("ip={HOST_V4}")), "udhcpc: {out}");
+    let resolv = guest.run_ok("cat /etc/resolv.conf");
+    assert!(
+        resolv.contains(&format!("nameserver {DNS_FORWARD}")),
+        "DHCP didn't advertise the forwarder: {resolv}"
+    );
+    let answer = guest.run_ok("nslookup passt.test 2>&1");
+    assert!(
+        answer.contains("203.0.113.7"),
+        "{mode:?}: name lookup through --dns-forward: {answer}"
+    );
+
+    wait_ipv6(&mut guest);
+    for dst in [format!("{REMOTE_V4}:7777"), format!("[{REMOTE_V6}]:7777")] {
+        let started = Instant::now();
+        let out = guest.run_ok(&format!("gtool udp-exchange {dst} {DATAGRAMS} 200 64"));
+        eprintln!("{mode:?} {dst}: {} in {:?}", out.trim(), started.elapsed());
+        assert!(
+            out.contains(&format!("sent={DATAGRAMS} received={DATAGRAMS} lost=0")),
+            "{mode:?} {dst}: {out}\n{}",
+            passt.log()
+        );
+    }
+    assert!(passt.running(), "passt exited:\n{}", passt.log());
+    assert!(guest.poweroff(Duration::from_secs(30)));
+}
+
+#[test]
+fn stream_guest_resolves_and_exchanges_datagrams() {
+    dns_and_datagrams(Mode::Stream);
+}
+
+#[test]
+fn vhost_user_guest_resolves_and_exchanges_datagrams() {
+    dns_and_datagrams(Mode::VhostUser);
+}
