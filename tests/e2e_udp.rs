@@ -54,7 +54,7 @@ fn dns_and_datagrams(mode: Mode) {
     let topo = Topology::new();
     // The host's resolver lives in the peer namespace, as a real one would be out there.
     topo.peer_ok(&format!("ip addr add {DNS_V4}/32 dev lo"));
-    let _dns = peer_gtool(
+    let dns = peer_gtool(
         &topo,
         &[
             "dns-server",
@@ -63,8 +63,8 @@ fn dns_and_datagrams(mode: Mode) {
             "203.0.113.7",
         ],
     );
-    let _echo4 = peer_gtool(&topo, &["udp-echo", &format!("{REMOTE_V4}:7777")]);
-    let _echo6 = peer_gtool(&topo, &["udp-echo", &format!("[{REMOTE_V6}]:7777")]);
+    let echo4 = peer_gtool(&topo, &["udp-echo", &format!("{REMOTE_V4}:7777")]);
+    let echo6 = peer_gtool(&topo, &["udp-echo", &format!("[{REMOTE_V6}]:7777")]);
 
     let (passt, mut guest) = common::passt_and_guest(&topo, mode, &["--dns-forward", DNS_FORWARD]);
     let out = guest.run_ok("udhcpc -i eth0 -n -q -f 2>&1");
@@ -93,6 +93,9 @@ fn dns_and_datagrams(mode: Mode) {
     }
     assert!(passt.running(), "passt exited:\n{}", passt.log());
     assert!(guest.poweroff(Duration::from_secs(30)));
+    for mut server in [dns, echo4, echo6] {
+        common::process::kill_child(&mut server);
+    }
 }
 
 #[test]
