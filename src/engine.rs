@@ -14,7 +14,7 @@ use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv
 use crate::conf::NetConfig;
 use crate::event::EpollRegistrar;
 use crate::flow::FlowIdx;
-use crate::icmp::{Icmp, IcmpFlowIdx};
+use crate::icmp::Icmp;
 use crate::l2::{self, Verdict, REPLY_BUF_LEN};
 use crate::logger::Limiter;
 use crate::tap::{FrameHandler, ToGuest};
@@ -178,7 +178,7 @@ impl Engine {
     }
 
     /// A ping socket is readable.
-    pub fn icmp_sock_ready(&mut self, idx: IcmpFlowIdx, to_guest: &mut dyn ToGuest) {
+    pub fn icmp_sock_ready(&mut self, idx: FlowIdx, to_guest: &mut dyn ToGuest) {
         if let Some(icmp) = self.icmp.as_mut() {
             icmp.from_sock(idx, self.now, self.guest_mac, self.net.our_mac, to_guest);
         }

@@ -15,7 +15,6 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::conf::{Config, Mode};
 use crate::engine::Engine;
 use crate::flow::FlowIdx;
-use crate::icmp::IcmpFlowIdx;
 use crate::tap::stream::{StreamEvent, StreamTap};
 use crate::tap::{Discard, ToGuest};
 use crate::udp::{UdpConfig, UdpFlowIdx};
@@ -34,7 +33,7 @@ pub enum Token {
     TapConn,
     VhostCtrl,
     VhostKick(QueueIdx),
-    IcmpSock(IcmpFlowIdx),
+    IcmpSock(FlowIdx),
     TcpSock(FlowIdx),
     UdpSock(UdpFlowIdx),
 }
@@ -62,7 +61,7 @@ impl Token {
             1 => Token::Signal,
             2 => Token::Listener,
             3 => Token::TapConn,
-            4 => Token::IcmpSock(IcmpFlowIdx(idx)),
+            4 => Token::IcmpSock(FlowIdx(idx)),
             5 => Token::VhostCtrl,
             6 => Token::VhostKick(QueueIdx(idx as u16)),
             7 => Token::TcpSock(FlowIdx(idx)),
@@ -561,7 +560,7 @@ mod tests {
             Token::Signal,
             Token::Listener,
             Token::TapConn,
-            Token::IcmpSock(IcmpFlowIdx(1023)),
+            Token::IcmpSock(FlowIdx(1023)),
             Token::VhostCtrl,
             Token::VhostKick(QueueIdx(1)),
             Token::TcpSock(FlowIdx((1 << 24) - 1)),

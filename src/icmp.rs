@@ -2,8 +2,8 @@
 //! (`SOCK_DGRAM`, `IPPROTO_ICMP`/`IPPROTO_ICMPV6`).
 //!
 //! # Theory of operation
-//! A guest echo request opens (or reuses) a flow keyed by (guest's echo identifier,
-//! destination): one ping socket each, so the reply arriving on a socket names its flow
+//! A guest echo request opens (or reuses) a flow in its [`FlowTable`], keyed by the guest's
+//! address and echo identifier (as its port) and the destination: one ping socket each, so the reply arriving on a socket names its flow
 //! without a lookup. The kernel owns the identifier on the wire: it replaces ours with the
 //! socket's "port". We ask for the guest's identifier by binding to it, and when the kernel
 //! gives us another one, replies are rewritten back to the guest's identifier on the way in
@@ -15,8 +15,6 @@
 //! If the kernel refuses ping sockets (`net.ipv4.ping_group_range` excludes our group),
 //! echo is turned off with one warning; nothing else is affected.
 
-use std::collections::HashMap;
-
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -27,6 +25,7 @@ use nix::sys::socket::{
 use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use crate::event::{Register, Token};
+use crate::flow::{FlowIdx, FlowKey, FlowTable};
 use crate::logger::Limiter;
 use crate::tap::ToGuest;
 use crate::wire;
@@ -41,19 +40,9 @@ const ICMP_HLEN: usize = 8;
 /// Largest echo message we relay (an IPv4 packet's payload at most).
 const MAX_ECHO: usize = 65535 - wire::IPV4_HLEN;
 
-/// A flow's position in the table, carried in its socket's epoll token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IcmpFlowIdx(pub u32);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Key {
-    guest_id: u16,
-    remote: IpAddr,
-}
-
+/// An echo flow: its socket. The [`FlowKey`] holds the rest: the guest's address and echo
+/// identifier (as its "port"), the remote address.
 struct Flow {
-    key: Key,
-    guest_addr: IpAddr,
     sock: OwnedFd,
     last_used: Instant,
 }
@@ -71,8 +60,7 @@ pub struct IcmpStats {
 
 /// The ICMP echo flow table.
 pub struct Icmp {
-    flows: Vec<Option<Flow>>,
-    by_key: HashMap<Key, IcmpFlowIdx>,
+    flows: FlowTable<Flow>,
     disabled: bool,
     stats: IcmpStats,
     log_limit: Limiter,
@@ -88,8 +76,7 @@ impl Default for Icmp {
 impl Icmp {
     pub fn new() -> Self {
         Icmp {
-            flows: (0..MAX_FLOWS).map(|_| None).collect(),
-            by_key: HashMap::with_capacity(MAX_FLOWS),
+            flows: FlowTable::new(MAX_FLOWS),
             disabled: false,
             stats: IcmpStats::default(),
             log_limit: Limiter::new(),
@@ -159,13 +146,20 @@ impl Icmp {
             self.stats.dropped += 1;
             return;
         }
-        let key = Key {
-            guest_id: u16::from_be_bytes([msg[4], msg[5]]),
-            remote,
+        let key = FlowKey {
+            proto: if remote.is_ipv6() {
+                libc::IPPROTO_ICMPV6
+            } else {
+                libc::IPPROTO_ICMP
+            } as u8,
+            guest_addr: guest,
+            guest_port: u16::from_be_bytes([msg[4], msg[5]]),
+            remote_addr: remote,
+            remote_port: 0,
         };
-        let idx = match self.by_key.get(&key) {
-            Some(&idx) => idx,
-            None => match self.open(key, guest, now, reg) {
+        let idx = match self.flows.lookup(&key) {
+            Some(idx) => idx,
+            None => match self.open(key, now, reg) {
                 Some(idx) => idx,
                 None => {
                     self.stats.dropped += 1;
@@ -173,11 +167,10 @@ impl Icmp {
                 }
             },
         };
-        let Some(flow) = self.flows.get_mut(idx.0 as usize).and_then(Option::as_mut) else {
+        let Some(flow) = self.flows.get_mut(idx) else {
             return;
         };
         flow.last_used = now;
-        flow.guest_addr = guest;
         let dst: SockaddrStorage = match remote {
             IpAddr::V4(a) => SocketAddrV4::new(a, 0).into(),
             IpAddr::V6(a) => SocketAddrV6::new(a, 0, 0, 0).into(),
@@ -194,14 +187,8 @@ impl Icmp {
         }
     }
 
-    fn open(
-        &mut self,
-        key: Key,
-        guest: IpAddr,
-        now: Instant,
-        reg: &mut dyn Register,
-    ) -> Option<IcmpFlowIdx> {
-        let Some(slot) = self.flows.iter().position(Option::is_none) else {
+    fn open(&mut self, key: FlowKey, now: Instant, reg: &mut dyn Register) -> Option<FlowIdx> {
+        if self.flows.is_full() {
             crate::limited!(
                 self.log_limit,
                 now,
@@ -209,19 +196,13 @@ impl Icmp {
                 "icmp: flow table full ({MAX_FLOWS} flows), dropping echo request"
             );
             return None;
+        }
+        let any = wire::unspecified_like(key.remote_addr);
+        let (family, proto) = match key.remote_addr {
+            IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp),
+            IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6),
         };
-        let (family, proto, bind_addr): (_, _, SockaddrStorage) = match key.remote {
-            IpAddr::V4(_) => (
-                AddressFamily::Inet,
-                SockProtocol::Icmp,
-                SocketAddr::new(wire::unspecified_like(key.remote), key.guest_id).into(),
-            ),
-            IpAddr::V6(_) => (
-                AddressFamily::Inet6,
-                SockProtocol::IcmpV6,
-                SocketAddr::new(wire::unspecified_like(key.remote), key.guest_id).into(),
-            ),
-        };
+        let bind_addr: SockaddrStorage = SocketAddr::new(any, key.guest_port).into();
         let sock = match socket::socket(
             family,
             SockType::Datagram,
@@ -249,16 +230,24 @@ impl Icmp {
         };
         // Keep the guest's identifier where it is free; any other works too (rewritten).
         if socket::bind(sock.as_raw_fd(), &bind_addr).is_err() {
-            let any: SockaddrStorage =
-                SocketAddr::new(wire::unspecified_like(key.remote), 0).into();
-            let _ = socket::bind(sock.as_raw_fd(), &any);
+            let _ = socket::bind(
+                sock.as_raw_fd(),
+                &SockaddrStorage::from(SocketAddr::new(any, 0)),
+            );
         }
-        let idx = IcmpFlowIdx(slot as u32);
-        if let Err(e) = reg.add(
-            sock.as_raw_fd(),
-            epoll::Events::EPOLLIN,
-            Token::IcmpSock(idx),
-        ) {
+        let fd = sock.as_raw_fd();
+        let idx = self
+            .flows
+            .insert(
+                key,
+                Flow {
+                    sock,
+                    last_used: now,
+                },
+            )
+            .ok()?;
+        if let Err(e) = reg.add(fd, epoll::Events::EPOLLIN, Token::IcmpSock(idx)) {
+            self.flows.remove(idx);
             crate::limited!(
                 self.log_limit,
                 now,
@@ -267,18 +256,12 @@ impl Icmp {
             );
             return None;
         }
-        self.flows[slot] = Some(Flow {
-            key,
-            guest_addr: guest,
-            sock,
-            last_used: now,
-        });
-        self.by_key.insert(key, idx);
         self.stats.flows_opened += 1;
         log::debug!(
-            "icmp: flow {slot} for id {} to {}",
-            key.guest_id,
-            key.remote
+            "icmp: flow {} for id {} to {}",
+            idx.0,
+            key.guest_port,
+            key.remote_addr
         );
         Some(idx)
     }
@@ -286,16 +269,19 @@ impl Icmp {
     /// A flow's socket is readable: relay every reply to the guest.
     pub fn from_sock(
         &mut self,
-        idx: IcmpFlowIdx,
+        idx: FlowIdx,
         now: Instant,
         guest_mac: [u8; 6],
         our_mac: [u8; 6],
         to_guest: &mut dyn ToGuest,
     ) {
-        let Some(flow) = self.flows.get_mut(idx.0 as usize).and_then(Option::as_mut) else {
+        let Some(&key) = self.flows.key(idx) else {
             return;
         };
-        let v6 = flow.key.remote.is_ipv6();
+        let Some(flow) = self.flows.get_mut(idx) else {
+            return;
+        };
+        let v6 = key.remote_addr.is_ipv6();
         let hlen = wire::l3_header_len(v6);
         loop {
             let n = match socket::recv(
@@ -322,9 +308,9 @@ impl Icmp {
                 continue;
             }
             flow.last_used = now;
-            let (src, dst) = (flow.key.remote, flow.guest_addr);
+            let (src, dst) = (key.remote_addr, key.guest_addr);
             let msg = &mut self.buf[hlen..hlen + n];
-            msg[4..6].copy_from_slice(&flow.key.guest_id.to_be_bytes());
+            msg[4..6].copy_from_slice(&key.guest_port.to_be_bytes());
             msg[2..4].fill(0);
             let sum = if v6 {
                 wire::l4_checksum(src, dst, IpProtocol::Icmpv6, &[msg])
@@ -358,21 +344,32 @@ impl Icmp {
     /// Closes flows idle for [`IDLE_TIMEOUT`]. Dropping the socket also removes it from
     /// epoll.
     pub fn expire(&mut self, now: Instant) {
-        for slot in self.flows.iter_mut() {
-            if slot
-                .as_ref()
-                .is_some_and(|f| now.duration_since(f.last_used) >= IDLE_TIMEOUT)
-            {
-                if let Some(f) = slot.take() {
-                    self.by_key.remove(&f.key);
-                    self.stats.flows_expired += 1;
+        let mut idle = [FlowIdx(0); 64];
+        loop {
+            // Collected in bounded batches: the table can't be changed while iterated.
+            let mut n = 0;
+            for idx in self.flows.indices() {
+                let stale = self
+                    .flows
+                    .get(idx)
+                    .is_some_and(|f| now.duration_since(f.last_used) >= IDLE_TIMEOUT);
+                if stale && n < idle.len() {
+                    idle[n] = idx;
+                    n += 1;
                 }
+            }
+            for &idx in &idle[..n] {
+                self.flows.remove(idx);
+                self.stats.flows_expired += 1;
+            }
+            if n < idle.len() {
+                return;
             }
         }
     }
 
     pub fn active_flows(&self) -> usize {
-        self.by_key.len()
+        self.flows.len()
     }
 }
 
