@@ -7,6 +7,7 @@
 //! - [`engine`]: what happens to each guest frame.
 //! - [`l2`]: ARP, DHCP, NDP, DHCPv6: frames in, reply frames out.
 //! - [`flow`]: the flow table shared by the layer-4 translations.
+//! - [`fwd`]: port forwarding (`-t`/`-u`) and host-loopback address translation.
 //! - [`tcp`]: TCP translation to host sockets.
 //! - [`icmp`]: ICMP/ICMPv6 echo through ping sockets.
 //! - [`tap`]: frames to and from the guest, over vhost-user or the stream socket.
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod engine;
 pub mod event;
 pub mod flow;
+pub mod fwd;
 pub mod icmp;
 pub mod l2;
 pub mod logger;

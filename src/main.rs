@@ -47,8 +47,8 @@ fn run(args: &Args) -> Result<(), String> {
     for note in &cfg.notes {
         log::info!("{note}");
     }
-    if !args.tcp_ports.is_empty() || !args.udp_ports.is_empty() {
-        log::warn!("-t/-u port forwarding is not implemented yet: ignoring");
+    if !args.udp_ports.is_empty() {
+        log::warn!("-u port forwarding is not implemented yet: ignoring");
     }
     log_config(&cfg);
 
