@@ -89,6 +89,27 @@ impl Engine {
         self.tcp = Some(Box::new(Tcp::new(cfg)));
     }
 
+    /// Watches the listening sockets of forwarded ports (TCP must be on).
+    pub fn tcp_listen(&mut self, ls: Vec<crate::fwd::Listener>) -> std::io::Result<()> {
+        match self.tcp.as_mut() {
+            Some(tcp) => tcp.add_listeners(ls, &mut self.registrar),
+            None => Ok(()),
+        }
+    }
+
+    /// Connections are waiting on a forwarded port's listening socket.
+    pub fn tcp_listener_ready(&mut self, i: u32, to_guest: &mut dyn ToGuest) {
+        let macs = self.macs();
+        if let Some(tcp) = self.tcp.as_mut() {
+            tcp.listener_ready(i, self.now, macs, &mut self.registrar, to_guest);
+        }
+    }
+
+    /// Flows in the TCP table.
+    pub fn tcp_flows(&self) -> usize {
+        self.tcp.as_ref().map_or(0, |t| t.active_flows())
+    }
+
     pub fn tcp_stats(&self) -> Option<crate::tcp::TcpStats> {
         self.tcp.as_ref().map(|t| t.stats())
     }

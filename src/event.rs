@@ -35,6 +35,8 @@ pub enum Token {
     VhostKick(QueueIdx),
     IcmpSock(IcmpFlowIdx),
     TcpSock(FlowIdx),
+    /// A listening socket of a forwarded TCP port, by its index.
+    TcpListen(u32),
 }
 
 impl Token {
@@ -49,6 +51,7 @@ impl Token {
             Token::VhostCtrl => (5, 0),
             Token::VhostKick(q) => (6, u64::from(q.0)),
             Token::TcpSock(i) => (7, u64::from(i.0)),
+            Token::TcpListen(i) => (8, u64::from(i)),
         };
         kind << Self::SHIFT | idx
     }
@@ -63,6 +66,7 @@ impl Token {
             5 => Token::VhostCtrl,
             6 => Token::VhostKick(QueueIdx(idx as u16)),
             7 => Token::TcpSock(FlowIdx(idx)),
+            8 => Token::TcpListen(idx),
             _ => return None,
         })
     }
@@ -225,7 +229,12 @@ struct Loop {
 
 /// Runs the loop until a termination signal, or until the client leaves when the
 /// configuration says that ends the process.
-pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopError> {
+pub fn run(
+    cfg: &Config,
+    guest: Guest,
+    signals: SignalFd,
+    forwards: crate::fwd::Bound,
+) -> Result<Exit, LoopError> {
     let epoll = Epoll::new()?;
     epoll.add(
         signals.as_fd().as_raw_fd(),
@@ -247,7 +256,13 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
             outbound_if4: cfg.outbound_if4.clone(),
             outbound_if6: cfg.outbound_if6.clone(),
             max_flows: crate::flow::DEFAULT_CAPACITY,
+            // After merging the UDP slice: take map_host_loopback4/6 from cfg.nat
+            // (--map-host-loopback, --no-map-gw); this is its default, the gateway.
+            nat: crate::fwd::Nat::from_net(&cfg.net),
         });
+        engine
+            .tcp_listen(forwards.tcp)
+            .map_err(LoopError::EpollAdd)?;
     }
     let link = match cfg.mode {
         Mode::Stream => Link::Stream {
@@ -316,6 +331,12 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
                 Some(Token::TapConn) => lp.stream_ready(flags),
                 Some(Token::VhostCtrl) => lp.vhost_ready(Source::Control)?,
                 Some(Token::VhostKick(q)) => lp.vhost_ready(Source::Kick(q))?,
+                Some(Token::TcpListen(i)) => {
+                    let to_guest = lp.link.guest_side();
+                    lp.engine
+                        .tcp_listener_ready(i, to_guest.unwrap_or(&mut Discard));
+                    None
+                }
                 Some(Token::TcpSock(idx)) => {
                     let to_guest = lp.link.guest_side();
                     lp.engine
@@ -548,6 +569,7 @@ mod tests {
             Token::VhostCtrl,
             Token::VhostKick(QueueIdx(1)),
             Token::TcpSock(FlowIdx((1 << 24) - 1)),
+            Token::TcpListen(65535),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

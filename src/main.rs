@@ -74,6 +74,11 @@ fn run(args: &Args) -> Result<(), String> {
             ),
         }
     }
+    // Forwarded ports are bound before we go to the background: a failure is fatal.
+    let (forwards, fwd_notes) = passt::fwd::Bound::open(&cfg).map_err(|e| error_chain(&e))?;
+    for note in &fwd_notes {
+        log::info!("{note}");
+    }
     let signals = event::signal_fd().map_err(|e| error_chain(&e))?;
     if cfg.foreground {
         if let Some(pf) = pid_file.as_mut() {
@@ -84,7 +89,7 @@ fn run(args: &Args) -> Result<(), String> {
         daemon::daemonize(pid_file.as_mut()).map_err(|e| error_chain(&e))?;
     }
 
-    let result = event::run(&cfg, socket.guest, signals);
+    let result = event::run(&cfg, socket.guest, signals, forwards);
     if let Some(p) = &socket.path {
         let _ = std::fs::remove_file(p);
     }

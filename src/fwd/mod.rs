@@ -409,6 +409,28 @@ pub fn open_listeners(
     Ok((out, notes))
 }
 
+/// The listening sockets of every forwarded port, opened before the event loop starts (and
+/// before we go to the background, so a port that can't be bound is reported and fatal).
+#[derive(Debug, Default)]
+pub struct Bound {
+    pub tcp: Vec<Listener>,
+}
+
+impl Bound {
+    /// Opens what `cfg` forwards; notes for the log.
+    pub fn open(cfg: &crate::conf::Config) -> Result<(Bound, Vec<String>), FwdError> {
+        let (v4, v6) = (cfg.net.ip4.is_some(), cfg.net.ip6.is_some());
+        let mut bound = Bound::default();
+        let mut notes = Vec::new();
+        if cfg.tcp {
+            let (tcp, n) = open_listeners("-t", &cfg.tcp_fwd, v4, v6)?;
+            bound.tcp = tcp;
+            notes.extend(n);
+        }
+        Ok((bound, notes))
+    }
+}
+
 /// Accepts one connection on a listening socket: the connected socket (non-blocking) and
 /// the client's address. `Ok(None)`: nothing pending.
 pub fn accept(listener: RawFd) -> io::Result<Option<(OwnedFd, SocketAddr)>> {
