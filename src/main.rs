@@ -51,6 +51,12 @@ fn run(args: &Args) -> Result<(), String> {
         log::warn!("-u port forwarding is not implemented yet: ignoring");
     }
     log_config(&cfg);
+    // Forwarded ports are bound before the socket is announced and before we go to the
+    // background: a failure is fatal, and a client may connect once we say we're ready.
+    let (forwards, fwd_notes) = passt::fwd::Bound::open(&cfg).map_err(|e| error_chain(&e))?;
+    for note in &fwd_notes {
+        log::info!("{note}");
+    }
 
     let mut pid_file = match &cfg.pid_file {
         Some(p) => Some(daemon::PidFile::create(p).map_err(|e| error_chain(&e))?),
@@ -73,11 +79,6 @@ fn run(args: &Args) -> Result<(), String> {
                 p.display()
             ),
         }
-    }
-    // Forwarded ports are bound before we go to the background: a failure is fatal.
-    let (forwards, fwd_notes) = passt::fwd::Bound::open(&cfg).map_err(|e| error_chain(&e))?;
-    for note in &fwd_notes {
-        log::info!("{note}");
     }
     let signals = event::signal_fd().map_err(|e| error_chain(&e))?;
     if cfg.foreground {
