@@ -142,6 +142,24 @@ impl Engine {
         }
     }
 
+    /// Learns the guest's own address from a frame's source (or, for Duplicate Address
+    /// Detection, the address it claims), for inbound connections.
+    fn learn_guest_addr(&mut self, src: IpAddr, l4_ndp_target: Option<&[u8]>) {
+        let Some(tcp) = self.tcp.as_mut() else {
+            return;
+        };
+        let a = match (src, l4_ndp_target) {
+            (IpAddr::V6(s), Some(ns)) if s.is_unspecified() => {
+                match <[u8; 16]>::try_from(ns.get(8..24).unwrap_or_default()) {
+                    Ok(t) => IpAddr::V6(t.into()),
+                    Err(_) => return,
+                }
+            }
+            (a, _) => a,
+        };
+        tcp.guest_addr_seen(a);
+    }
+
     fn tcp_segment(&mut self, src: IpAddr, dst: IpAddr, l4: &[u8], to_guest: &mut dyn ToGuest) {
         let macs = self.macs();
         match self.tcp.as_mut() {
@@ -216,6 +234,7 @@ impl Engine {
         if !pkt.verify_checksum() {
             return self.malformed("IPv4");
         }
+        self.learn_guest_addr(IpAddr::V4(pkt.src_addr()), None);
         match pkt.next_header() {
             IpProtocol::Udp if udp_dst_port(pkt.payload()) == Some(DHCP_SERVER_PORT) => {
                 self.stats.dhcp += 1;
@@ -247,6 +266,10 @@ impl Engine {
         let Ok(pkt) = Ipv6Packet::new_checked(ip) else {
             return self.malformed("IPv6");
         };
+        let ns = (pkt.next_header() == IpProtocol::Icmpv6
+            && pkt.payload().first() == Some(&ICMPV6_NEIGHBOR_SOLICIT))
+        .then(|| pkt.payload());
+        self.learn_guest_addr(IpAddr::V6(pkt.src_addr()), ns);
         match pkt.next_header() {
             IpProtocol::Icmpv6 => match pkt.payload().first().copied() {
                 Some(ICMPV6_ROUTER_SOLICIT | ICMPV6_NEIGHBOR_SOLICIT) => {

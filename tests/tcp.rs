@@ -749,3 +749,30 @@ fn gateway_address_reaches_host_loopback() {
         assert!(g.rx == data, "echo through {dst}: {} bytes", g.rx.len());
     }
 }
+
+/// `-t all`: ports nobody uses are forwarded, a port already in use is skipped.
+#[test]
+fn all_forwards_free_ports_and_skips_used_ones() {
+    let topo = Topology::new();
+    let (_busy, _) = socat_listener_host(&topo, "TCP4-LISTEN:5020,bind=127.0.0.1");
+    let (passt, mut c) = start_with(&topo, &["-t", "all"]);
+    passt
+        .output()
+        .wait_for(0, "-t all: forwarding", Instant::now() + T)
+        .unwrap_or_else(|e| panic!("no forwarding note ({e:?}):\n{}", passt.log()));
+    // The port in use still answers from socat's echo, not through passt.
+    let mut client = socat_client(&topo, true, "TCP4:127.0.0.1:5020", b"echo");
+    let st = wait_child(&mut client, "socat client");
+    assert!(st.success());
+    // A free port reaches the guest.
+    let mut client = socat_client(&topo, true, "TCP4:127.0.0.1:1234", b"x");
+    let syn = wait_syn(&mut c, 1234);
+    let _ = client.kill();
+    let _ = client.wait();
+    assert_eq!(syn.src, IpAddr::from(netns::PEER_V4));
+    assert!(
+        !passt.log().contains(":5020 "),
+        "port in use reached passt:\n{}",
+        passt.log()
+    );
+}

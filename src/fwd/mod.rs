@@ -28,9 +28,14 @@ use spec::PortFwd;
 /// The addresses translation needs, from the configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Nat {
-    /// The guest's addresses: destination of inbound connections. `None`: the family is off.
+    /// The guest's addresses as configured (the host's, by default). `None`: the family
+    /// is off.
     pub guest4: Option<Ipv4Addr>,
     pub guest6: Option<Ipv6Addr>,
+    /// The addresses the guest actually uses, once seen ([`Self::guest_addr_seen`]): a
+    /// SLAAC guest makes its own IPv6 address. Inbound connections go there.
+    pub seen4: Option<Ipv4Addr>,
+    pub seen6: Option<Ipv6Addr>,
     /// The gateway as the guest knows it (IPv6: our link-local router address).
     pub gw4: Option<Ipv4Addr>,
     pub gw6: Option<Ipv6Addr>,
@@ -52,6 +57,8 @@ impl Nat {
             gw6,
             map_host_loopback4: gw4,
             map_host_loopback6: gw6,
+            seen4: None,
+            seen6: None,
         }
     }
 
@@ -82,7 +89,7 @@ impl Nat {
         match unmap(src) {
             IpAddr::V4(a) => {
                 let guest = self.guest4?;
-                if a.is_loopback() || a == guest || a.is_unspecified() {
+                if a.is_loopback() || a == guest || Some(a) == self.seen4 || a.is_unspecified() {
                     Some(self.map_host_loopback4.or(self.gw4)?.into())
                 } else {
                     Some(a.into())
@@ -90,7 +97,7 @@ impl Nat {
             }
             IpAddr::V6(a) => {
                 let guest = self.guest6?;
-                if a.is_loopback() || a == guest || a.is_unspecified() {
+                if a.is_loopback() || a == guest || Some(a) == self.seen6 || a.is_unspecified() {
                     Some(self.map_host_loopback6.or(self.gw6)?.into())
                 } else {
                     Some(a.into())
@@ -99,11 +106,31 @@ impl Nat {
         }
     }
 
-    /// The guest's address of `src`'s family (after [`Self::host_to_guest_src`]).
+    /// The guest's address of `src`'s family (after [`Self::host_to_guest_src`]): the one
+    /// it was seen using, else the configured one.
     pub fn guest_addr(&self, src: IpAddr) -> Option<IpAddr> {
         match src {
-            IpAddr::V4(_) => self.guest4.map(IpAddr::V4),
-            IpAddr::V6(_) => self.guest6.map(IpAddr::V6),
+            IpAddr::V4(_) => self.guest4.map(|g| IpAddr::V4(self.seen4.unwrap_or(g))),
+            IpAddr::V6(_) => self.guest6.map(|g| IpAddr::V6(self.seen6.unwrap_or(g))),
+        }
+    }
+
+    /// The guest sent from `a` (or claimed it, in Duplicate Address Detection): its
+    /// address, unless link-local or not unicast. Returns whether that is news.
+    pub fn guest_addr_seen(&mut self, a: IpAddr) -> bool {
+        if !crate::wire::is_unicast(a) || a.is_loopback() {
+            return false;
+        }
+        match a {
+            IpAddr::V4(v4) if self.guest4.is_some() => {
+                let old = self.seen4.replace(v4);
+                old != Some(v4)
+            }
+            IpAddr::V6(v6) if self.guest6.is_some() && !crate::conf::is_link_local6(v6) => {
+                let old = self.seen6.replace(v6);
+                old != Some(v6)
+            }
+            _ => false,
         }
     }
 }
@@ -545,6 +572,30 @@ mod tests {
         }
         assert_eq!(n.guest_addr(ip("198.51.100.7")), Some(ip("192.0.2.2")));
         assert_eq!(n.guest_addr(ip("fe80::1")), Some(ip("2001:db8::2")));
+        let mut slaac = n.clone();
+        assert!(slaac.guest_addr_seen(ip("2001:db8::5054:ff:fe12:3456")));
+        assert!(
+            !slaac.guest_addr_seen(ip("2001:db8::5054:ff:fe12:3456")),
+            "no news"
+        );
+        assert!(
+            !slaac.guest_addr_seen(ip("fe80::5054:ff:fe12:3456")),
+            "link-local"
+        );
+        assert!(!slaac.guest_addr_seen(ip("::")));
+        assert_eq!(
+            slaac.guest_addr(ip("::1")),
+            Some(ip("2001:db8::5054:ff:fe12:3456"))
+        );
+        // The host's own address (the configured one) still stands for the host.
+        assert_eq!(
+            slaac.host_to_guest_src(ip("2001:db8::2")),
+            Some(ip("fe80::1"))
+        );
+        assert_eq!(
+            slaac.host_to_guest_src(ip("2001:db8::5054:ff:fe12:3456")),
+            Some(ip("fe80::1"))
+        );
         let mut v6only = n.clone();
         v6only.guest4 = None;
         assert_eq!(v6only.host_to_guest_src(ip("198.51.100.7")), None);

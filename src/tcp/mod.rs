@@ -218,6 +218,13 @@ impl<S: Socket> Tcp<S> {
         Ok(())
     }
 
+    /// The guest sent from (or claimed) address `a`: inbound connections go there.
+    pub fn guest_addr_seen(&mut self, a: IpAddr) {
+        if self.cfg.nat.guest_addr_seen(a) {
+            log::debug!("tcp: guest address {a}");
+        }
+    }
+
     pub fn listeners(&self) -> usize {
         self.listeners.len()
     }
