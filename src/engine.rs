@@ -94,6 +94,27 @@ impl Engine {
         self.tcp = Some(Box::new(Tcp::new(cfg)));
     }
 
+    /// Watches the listening sockets of forwarded ports (TCP must be on).
+    pub fn tcp_listen(&mut self, ls: Vec<crate::fwd::Listener>) -> std::io::Result<()> {
+        match self.tcp.as_mut() {
+            Some(tcp) => tcp.add_listeners(ls, &mut self.registrar),
+            None => Ok(()),
+        }
+    }
+
+    /// Connections are waiting on a forwarded port's listening socket.
+    pub fn tcp_listener_ready(&mut self, i: u32, to_guest: &mut dyn ToGuest) {
+        let macs = self.macs();
+        if let Some(tcp) = self.tcp.as_mut() {
+            tcp.listener_ready(i, self.now, macs, &mut self.registrar, to_guest);
+        }
+    }
+
+    /// Flows in the TCP table.
+    pub fn tcp_flows(&self) -> usize {
+        self.tcp.as_ref().map_or(0, |t| t.active_flows())
+    }
+
     pub fn tcp_stats(&self) -> Option<crate::tcp::TcpStats> {
         self.tcp.as_ref().map(|t| t.stats())
     }
@@ -124,6 +145,24 @@ impl Engine {
         if let Some(tcp) = self.tcp.as_mut() {
             tcp.timer(now, macs, to_guest);
         }
+    }
+
+    /// Learns the guest's own address from a frame's source (or, for Duplicate Address
+    /// Detection, the address it claims), for inbound connections.
+    fn learn_guest_addr(&mut self, src: IpAddr, l4_ndp_target: Option<&[u8]>) {
+        let Some(tcp) = self.tcp.as_mut() else {
+            return;
+        };
+        let a = match (src, l4_ndp_target) {
+            (IpAddr::V6(s), Some(ns)) if s.is_unspecified() => {
+                match <[u8; 16]>::try_from(ns.get(8..24).unwrap_or_default()) {
+                    Ok(t) => IpAddr::V6(t.into()),
+                    Err(_) => return,
+                }
+            }
+            (a, _) => a,
+        };
+        tcp.guest_addr_seen(a);
     }
 
     fn tcp_segment(&mut self, src: IpAddr, dst: IpAddr, l4: &[u8], to_guest: &mut dyn ToGuest) {
@@ -227,6 +266,7 @@ impl Engine {
         if !pkt.verify_checksum() {
             return self.malformed("IPv4");
         }
+        self.learn_guest_addr(IpAddr::V4(pkt.src_addr()), None);
         match pkt.next_header() {
             IpProtocol::Udp if udp_dst_port(pkt.payload()) == Some(DHCP_SERVER_PORT) => {
                 self.stats.dhcp += 1;
@@ -265,6 +305,10 @@ impl Engine {
         let Ok(pkt) = Ipv6Packet::new_checked(ip) else {
             return self.malformed("IPv6");
         };
+        let ns = (pkt.next_header() == IpProtocol::Icmpv6
+            && pkt.payload().first() == Some(&ICMPV6_NEIGHBOR_SOLICIT))
+        .then(|| pkt.payload());
+        self.learn_guest_addr(IpAddr::V6(pkt.src_addr()), ns);
         match pkt.next_header() {
             IpProtocol::Icmpv6 => match pkt.payload().first().copied() {
                 Some(ICMPV6_ROUTER_SOLICIT | ICMPV6_NEIGHBOR_SOLICIT) => {

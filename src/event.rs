@@ -36,6 +36,8 @@ pub enum Token {
     IcmpSock(FlowIdx),
     TcpSock(FlowIdx),
     UdpSock(UdpFlowIdx),
+    /// A listening socket of a forwarded TCP port, by its index.
+    TcpListen(u32),
 }
 
 impl Token {
@@ -51,6 +53,7 @@ impl Token {
             Token::VhostKick(q) => (6, u64::from(q.0)),
             Token::TcpSock(i) => (7, u64::from(i.0)),
             Token::UdpSock(i) => (8, u64::from(i.0)),
+            Token::TcpListen(i) => (9, u64::from(i)),
         };
         kind << Self::SHIFT | idx
     }
@@ -66,6 +69,7 @@ impl Token {
             6 => Token::VhostKick(QueueIdx(idx as u16)),
             7 => Token::TcpSock(FlowIdx(idx)),
             8 => Token::UdpSock(UdpFlowIdx(idx)),
+            9 => Token::TcpListen(idx),
             _ => return None,
         })
     }
@@ -228,7 +232,12 @@ struct Loop {
 
 /// Runs the loop until a termination signal, or until the client leaves when the
 /// configuration says that ends the process.
-pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopError> {
+pub fn run(
+    cfg: &Config,
+    guest: Guest,
+    signals: SignalFd,
+    forwards: crate::fwd::Bound,
+) -> Result<Exit, LoopError> {
     let epoll = Epoll::new()?;
     epoll.add(
         signals.as_fd().as_raw_fd(),
@@ -253,7 +262,11 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
             outbound_if4: cfg.outbound_if4.clone(),
             outbound_if6: cfg.outbound_if6.clone(),
             max_flows: crate::flow::DEFAULT_CAPACITY,
+            nat: crate::fwd::Nat::from_config(cfg),
         });
+        engine
+            .tcp_listen(forwards.tcp)
+            .map_err(LoopError::EpollAdd)?;
     }
     let link = match cfg.mode {
         Mode::Stream => Link::Stream {
@@ -322,6 +335,12 @@ pub fn run(cfg: &Config, guest: Guest, signals: SignalFd) -> Result<Exit, LoopEr
                 Some(Token::TapConn) => lp.stream_ready(flags),
                 Some(Token::VhostCtrl) => lp.vhost_ready(Source::Control)?,
                 Some(Token::VhostKick(q)) => lp.vhost_ready(Source::Kick(q))?,
+                Some(Token::TcpListen(i)) => {
+                    let to_guest = lp.link.guest_side();
+                    lp.engine
+                        .tcp_listener_ready(i, to_guest.unwrap_or(&mut Discard));
+                    None
+                }
                 Some(Token::TcpSock(idx)) => {
                     let to_guest = lp.link.guest_side();
                     lp.engine
@@ -565,6 +584,7 @@ mod tests {
             Token::VhostKick(QueueIdx(1)),
             Token::TcpSock(FlowIdx((1 << 24) - 1)),
             Token::UdpSock(UdpFlowIdx(4095)),
+            Token::TcpListen(65535),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

@@ -7,6 +7,7 @@
 //! - [`engine`]: what happens to each guest frame.
 //! - [`l2`]: ARP, DHCP, NDP, DHCPv6: frames in, reply frames out.
 //! - [`flow`]: the flow table shared by the layer-4 translations.
+//! - [`fwd`]: port forwarding (`-t`/`-u`) and host-loopback address translation.
 //! - [`tcp`]: TCP translation to host sockets.
 //! - [`icmp`]: ICMP/ICMPv6 echo through ping sockets.
 //! - [`udp`]: UDP flows through per-flow host sockets, host-loopback and DNS mapping.
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod engine;
 pub mod event;
 pub mod flow;
+pub mod fwd;
 pub mod icmp;
 pub mod l2;
 pub mod logger;

@@ -47,10 +47,16 @@ fn run(args: &Args) -> Result<(), String> {
     for note in &cfg.notes {
         log::info!("{note}");
     }
-    if !args.tcp_ports.is_empty() || !args.udp_ports.is_empty() {
-        log::warn!("-t/-u port forwarding is not implemented yet: ignoring");
+    if !args.udp_ports.is_empty() {
+        log::warn!("-u port forwarding is not implemented yet: ignoring");
     }
     log_config(&cfg);
+    // Forwarded ports are bound before the socket is announced and before we go to the
+    // background: a failure is fatal, and a client may connect once we say we're ready.
+    let (forwards, fwd_notes) = passt::fwd::Bound::open(&cfg).map_err(|e| error_chain(&e))?;
+    for note in &fwd_notes {
+        log::info!("{note}");
+    }
 
     let mut pid_file = match &cfg.pid_file {
         Some(p) => Some(daemon::PidFile::create(p).map_err(|e| error_chain(&e))?),
@@ -84,7 +90,7 @@ fn run(args: &Args) -> Result<(), String> {
         daemon::daemonize(pid_file.as_mut()).map_err(|e| error_chain(&e))?;
     }
 
-    let result = event::run(&cfg, socket.guest, signals);
+    let result = event::run(&cfg, socket.guest, signals, forwards);
     if let Some(p) = &socket.path {
         let _ = std::fs::remove_file(p);
     }

@@ -12,7 +12,9 @@ use common::netns::*;
 use common::output::Collector;
 use common::Mode;
 
-const SIZE: usize = 4 << 20;
+/// Issue 4 asks for 64 MiB each way; a TCG guest moves that in well under a minute per
+/// mode (see the timing this test prints).
+const SIZE: usize = 64 << 20;
 
 /// `socat -d -d args` in the peer namespace, once it listens.
 fn socat(topo: &Topology, args: &[&str]) -> (std::process::Child, Collector) {
@@ -76,6 +78,7 @@ fn downloads_and_uploads(mode: Mode) {
     };
     std::fs::write(&file, &data).unwrap();
     let want = sha256(&file);
+    eprintln!("{mode:?}: download sha256 {want}");
 
     let (passt, mut guest) = common::passt_and_guest(&topo, mode, &["--one-off"]);
     let started = Instant::now();
@@ -149,6 +152,7 @@ fn downloads_and_uploads(mode: Mode) {
         assert!(pidfd.wait_exit(CMD_TIMEOUT), "socat sink still running");
         let _ = sink.wait();
         assert_eq!(sha256(&dest), up_sum, "upload {fam}");
+        eprintln!("{mode:?}: upload {fam} sha256 {up_sum}");
     }
 
     eprintln!(

@@ -157,6 +157,10 @@ pub struct Config {
     pub outbound_if6: Option<String>,
     /// `-t` specs, parsed by the port forwarding module.
     pub tcp_ports: Vec<String>,
+    // --- passt-rs TCP forwarding slice (tcp2) ---
+    /// The `-t` specs, parsed.
+    pub tcp_fwd: crate::fwd::spec::PortFwd,
+    // --- end TCP forwarding ---
     /// `-u` specs, parsed by the port forwarding module.
     pub udp_ports: Vec<String>,
     /// Address translations for guest traffic to the host and to DNS.
@@ -409,6 +413,12 @@ impl Config {
             Some(s) => Duration::from_secs(s),
         };
 
+        // --- passt-rs TCP forwarding slice (tcp2) ---
+        let (tcp_fwd, fwd_notes) = crate::fwd::spec::PortFwd::parse_all(&args.tcp_ports)
+            .map_err(|e| bad("--tcp-ports", e.to_string()))?;
+        notes.extend(fwd_notes);
+        // --- end TCP forwarding ---
+
         let mode = if args.vhost_user {
             Mode::VhostUser
         } else {
@@ -444,6 +454,7 @@ impl Config {
             outbound_if4: args.outbound_if4.clone(),
             outbound_if6: args.outbound_if6.clone(),
             tcp_ports: args.tcp_ports.clone(),
+            tcp_fwd,
             udp_ports: args.udp_ports.clone(),
             nat,
             udp_timeout,
@@ -959,9 +970,36 @@ mod tests {
             (&["-S", "bad..name"], "--search"),
             (&["--fd=-3"], "--fd"),
             (&["-o", "nope"], "--outbound"),
+            (&["-t", "22-21"], "--tcp-ports"),
+            (&["-t", "none", "-t", "22"], "--tcp-ports"),
+            (&["-t", "1.2.3.4.5/22"], "--tcp-ports"),
         ] {
             assert_eq!(conf(cmd).unwrap_err().option, opt, "{cmd:?}");
         }
+    }
+
+    #[test]
+    fn tcp_forwarding_specs_add_up() {
+        let c = conf(&[
+            "-t",
+            "8080:80",
+            "-t",
+            "127.0.0.1/2222:22,~2223",
+            "-t",
+            "2222",
+        ])
+        .unwrap();
+        assert_eq!(c.tcp_fwd.guest_port(8080), Some(80));
+        assert_eq!(c.tcp_fwd.guest_port(2222), Some(2222));
+        assert_eq!(c.tcp_fwd.groups.len(), 3);
+        assert!(
+            c.notes.iter().any(|n| n.contains("port 2222")),
+            "{:?}",
+            c.notes
+        );
+        let e = conf(&["-t", "80:81-82"]).unwrap_err();
+        assert!(e.to_string().contains("'80:81-82'"), "{e}");
+        assert!(conf(&[]).unwrap().tcp_fwd.is_empty());
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub mod ev {
     /// The window we last showed the guest was smaller than we would like: update it when
     /// the socket's send buffer drains.
     pub const WND_CLAMPED: u16 = 1 << 5;
+    /// Accepted on a forwarded port: we sent the SYN, the guest answers with a SYN-ACK.
+    pub const INBOUND: u16 = 1 << 6;
 }
 
 /// TCP header without options.
@@ -189,6 +191,32 @@ impl Conn {
         }
     }
 
+    /// A connection accepted on a forwarded port, towards the guest: `isn` is our SYN's
+    /// sequence number. The socket is connected already; the SYN goes out with
+    /// [`Self::send_syn`].
+    pub fn new_inbound(ends: Ends, mss_link: u16, isn: u32, now: Instant) -> Conn {
+        Conn {
+            ends,
+            events: ev::SOCK_CONNECTED | ev::INBOUND,
+            isn,
+            seq_to_tap: isn,
+            seq_max_to_tap: isn,
+            seq_ack_from_tap: isn,
+            seq_from_tap: 0,
+            seq_fin_to_tap: None,
+            wnd_from_tap: 0,
+            ws_from_tap: 0,
+            // Offered in our SYN; dropped if the guest's SYN-ACK doesn't carry one.
+            ws_to_tap: WS_TO_TAP,
+            mss_to_tap: usize::from(DEFAULT_MSS.min(mss_link)),
+            mss_link,
+            dup_acks: 0,
+            retrans: 0,
+            rto: None,
+            last_activity: now,
+        }
+    }
+
     pub fn has(&self, e: u16) -> bool {
         self.events & e != 0
     }
@@ -228,11 +256,12 @@ impl Conn {
         }
         self.set(ev::SOCK_CONNECTED);
         self.last_activity = now;
-        self.send_syn_ack(now, sock, out);
+        self.send_syn(now, sock, out);
         Verdict::Keep
     }
 
-    fn send_syn_ack(&mut self, now: Instant, sock: &mut dyn SockOps, out: &mut Out) {
+    /// Our SYN (inbound) or SYN-ACK (outbound), with our MSS and window scale options.
+    pub fn send_syn(&mut self, now: Instant, sock: &mut dyn SockOps, out: &mut Out) {
         let mut opts = [0u8; 8];
         opts[..4].copy_from_slice(&[2, 4, 0, 0]);
         opts[2..4].copy_from_slice(&self.mss_link.to_be_bytes());
@@ -245,16 +274,12 @@ impl Conn {
         // The SYN-ACK's window is never scaled.
         let wnd = sock.send_space().min(usize::from(u16::MAX)) as u16;
         self.seq_to_tap = self.isn;
-        let ack = self.seq_from_tap;
-        self.emit(
-            out,
-            self.isn,
-            ack,
-            flag::SYN | flag::ACK,
-            wnd,
-            &opts[..olen],
-            &[],
-        );
+        let (flags, ack) = if self.has(ev::INBOUND) {
+            (flag::SYN, 0)
+        } else {
+            (flag::SYN | flag::ACK, self.seq_from_tap)
+        };
+        self.emit(out, self.isn, ack, flags, wnd, &opts[..olen], &[]);
         self.seq_to_tap = self.isn.wrapping_add(1);
         self.seq_max_to_tap = self.seq_to_tap;
         self.rto.get_or_insert(now + self.rto_interval());
@@ -280,10 +305,13 @@ impl Conn {
             // Still connecting: a retransmitted SYN waits for the same answer.
             return Verdict::Keep;
         }
+        if self.has(ev::INBOUND) && !self.has(ev::ESTABLISHED) {
+            return self.tap_syn_ack(seg, now, sock, out);
+        }
         if seg.syn {
             if !self.has(ev::ESTABLISHED) {
                 // Our SYN-ACK was lost: send it again.
-                self.send_syn_ack(now, sock, out);
+                self.send_syn(now, sock, out);
             } else {
                 self.send_ack(out, sock);
             }
@@ -401,6 +429,38 @@ impl Conn {
             return v;
         }
         self.check_done()
+    }
+
+    /// The guest's answer to our SYN: a SYN-ACK completes the handshake; anything else
+    /// waits for one (our SYN is retransmitted on timeout).
+    fn tap_syn_ack(
+        &mut self,
+        seg: &Seg,
+        now: Instant,
+        sock: &mut dyn SockOps,
+        out: &mut Out,
+    ) -> Verdict {
+        if !seg.syn || seg.ack != Some(self.isn.wrapping_add(1)) {
+            return Verdict::Keep;
+        }
+        self.set(ev::ESTABLISHED);
+        self.seq_from_tap = seg.seq.wrapping_add(1);
+        self.seq_ack_from_tap = self.isn.wrapping_add(1);
+        match seg.ws {
+            Some(ws) => self.ws_from_tap = ws.min(14),
+            None => {
+                self.ws_from_tap = 0;
+                self.ws_to_tap = 0;
+            }
+        }
+        // The SYN-ACK's window is never scaled.
+        self.wnd_from_tap = u32::from(seg.wnd);
+        self.mss_to_tap = usize::from(seg.mss.unwrap_or(DEFAULT_MSS).max(1).min(self.mss_link));
+        self.rto = None;
+        self.retrans = 0;
+        self.send_ack(out, sock);
+        // The client may have sent data (or closed) while we waited.
+        self.sock_to_tap(now, sock, out)
     }
 
     fn check_done(&self) -> Verdict {
@@ -558,7 +618,7 @@ impl Conn {
             if !self.has(ev::SOCK_CONNECTED) {
                 // The kernel is still connecting: its own timers cover that.
             } else if !self.has(ev::ESTABLISHED) {
-                self.send_syn_ack(now, sock, out);
+                self.send_syn(now, sock, out);
             } else {
                 self.rewind();
                 if let v @ (Verdict::Abort | Verdict::Close) = self.sock_to_tap(now, sock, out) {
@@ -1291,5 +1351,123 @@ pub(crate) mod tests {
         });
         t.now += FIN_TIMEOUT;
         assert_eq!(t.timer(), Verdict::Abort);
+    }
+
+    fn inbound(data_waiting: &[u8]) -> T {
+        let now = Instant::now();
+        let mut t = T {
+            conn: Conn::new_inbound(ends(), 1460, ISN, now),
+            sock: FakeSock {
+                space: 1 << 20,
+                ..FakeSock::default()
+            },
+            sink: Sink {
+                frames: vec![],
+                room: usize::MAX,
+            },
+            buf: vec![0; 4096],
+            now,
+        };
+        t.sock.rx.extend(data_waiting);
+        let (mut out, conn, sock) = t.out();
+        conn.send_syn(now, sock, &mut out);
+        let syn = t.take();
+        assert_eq!(syn.len(), 1);
+        assert_eq!((syn[0].flags, syn[0].seq), (flag::SYN, ISN));
+        assert_eq!((syn[0].mss, syn[0].ws), (Some(1460), Some(WS_TO_TAP)));
+        // Data from the client before the guest answered goes nowhere yet.
+        assert_eq!(t.ready(true, true, false), Verdict::Keep);
+        assert!(t.take().is_empty());
+        t
+    }
+
+    #[test]
+    fn inbound_handshake_then_data_both_ways() {
+        let mut t = inbound(b"hello");
+        // A bare ACK or a SYN-ACK for another SYN doesn't complete it.
+        t.seg(Seg {
+            ack: Some(ISN + 1),
+            ..data(GUEST_ISN, &[])
+        });
+        t.seg(Seg {
+            syn: true,
+            ack: Some(ISN + 7),
+            ..data(GUEST_ISN, &[])
+        });
+        assert!(!t.conn.has(ev::ESTABLISHED));
+        assert!(t.take().is_empty());
+        let v = t.seg(Seg {
+            syn: true,
+            ack: Some(ISN + 1),
+            mss: Some(3),
+            ws: Some(2),
+            wnd: 1000,
+            ..data(GUEST_ISN, &[])
+        });
+        assert_eq!(v, Verdict::Keep);
+        assert!(t.conn.has(ev::ESTABLISHED));
+        let g = t.take();
+        assert_eq!(
+            (g[0].flags, g[0].ack),
+            (flag::ACK, GUEST_ISN.wrapping_add(1))
+        );
+        // The waiting data, in segments of the guest's MSS.
+        let data_segs: Vec<_> = g[1..].iter().map(|s| s.payload.clone()).collect();
+        assert_eq!(data_segs, vec![b"hel".to_vec(), b"lo".to_vec()]);
+        assert_eq!(g[1].seq, ISN + 1);
+        // Guest data goes to the socket; its ACK consumes what we sent.
+        let s = guest_seq(&t);
+        t.seg(Seg {
+            ack: Some(ISN + 6),
+            ..data(s, b"world")
+        });
+        assert_eq!(t.sock.sent, b"world");
+        assert!(t.sock.rx.is_empty());
+        assert_eq!(t.take()[0].ack, s.wrapping_add(5));
+    }
+
+    #[test]
+    fn inbound_without_window_scaling() {
+        let mut t = inbound(b"");
+        t.seg(Seg {
+            syn: true,
+            ack: Some(ISN + 1),
+            wnd: 300,
+            ..data(GUEST_ISN, &[])
+        });
+        assert!(t.conn.has(ev::ESTABLISHED));
+        assert_eq!(t.conn.ws_to_tap, 0);
+        assert_eq!(t.conn.wnd_from_tap, 300);
+        assert_eq!(t.conn.mss_to_tap, 536);
+    }
+
+    #[test]
+    fn inbound_guest_refuses_or_never_answers() {
+        let mut t = inbound(b"x");
+        assert_eq!(
+            t.seg(Seg {
+                rst: true,
+                ack: Some(ISN + 1),
+                ..data(0, &[])
+            }),
+            Verdict::Abort
+        );
+
+        let mut t = inbound(b"x");
+        let first = t.conn.deadline().unwrap();
+        assert_eq!(first, t.now + RTO_INIT);
+        let mut v = Verdict::Keep;
+        let mut syns = 0;
+        for _ in 0..=MAX_RETRANS {
+            t.now = t.conn.deadline().unwrap();
+            v = t.timer();
+            syns += t.take().iter().filter(|g| g.flags == flag::SYN).count();
+        }
+        assert_eq!(
+            syns,
+            usize::from(MAX_RETRANS),
+            "SYN sent again on each timeout"
+        );
+        assert_eq!(v, Verdict::Abort, "then the client is reset");
     }
 }

@@ -6,7 +6,7 @@
 //! like a TCP peer on a loss-free link: we map the guest's segments to socket calls, and the
 //! socket's events to segments for the guest.
 //!
-//! This slice handles **outbound** connections (the guest connects out):
+//! **Outbound** connections (the guest connects out):
 //! 1. Guest SYN for an unknown 4-tuple: a flow is inserted in the [`FlowTable`], a
 //!    non-blocking socket is opened (bound to `-o`/`--outbound-if*` if configured) and
 //!    `connect()` starts. Its epoll token carries the flow's index.
@@ -30,6 +30,17 @@
 //!    window updates, [`conn::ACT_TIMEOUT`] idle and [`conn::FIN_TIMEOUT`] half-closed
 //!    timeouts.
 //!
+//! **Inbound** connections (`-t`, see [`crate::fwd`]): each forwarded port has a listening
+//! socket ([`Token::TcpListen`]). An accepted connection becomes a flow whose guest end is
+//! the guest's address and the mapped port, and whose remote end is the client as the
+//! guest should see it ([`crate::fwd::Nat::host_to_guest_src`]: the host itself appears
+//! as the host-loopback address). We send the SYN; the guest's SYN-ACK establishes the
+//! flow, which from then on is the same as an outbound one. A guest RST, or no answer
+//! through the retransmissions of the SYN, resets the client.
+//!
+//! **Host loopback**: a guest connection to the host-loopback address (the gateway, by
+//! default) connects to 127.0.0.1 or ::1 instead ([`crate::fwd::Nat::guest_to_host_dst`]).
+//!
 //! Bad input: segments with a bad checksum, truncated headers, or impossible flag sets
 //! (SYN+FIN, SYN+RST...) are dropped and counted. A segment for an unknown flow gets a RST
 //! as a host would send (none for a RST). When the table is full, a new SYN gets a RST and a
@@ -45,15 +56,14 @@
 //! - `seq_from_tap`: next sequence number expected from the guest (what we ACK).
 //! - `wnd_from_tap`: the guest's receive window in bytes, after scaling.
 //!
-//! Not yet: inbound (`-t`) forwarding, vhost-user zero-copy send, traffic to the host's
-//! loopback through the gateway address.
+//! Not yet: vhost-user zero-copy send, per-flow timers.
 
 pub mod conn;
 pub mod sock;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use smoltcp::phy::ChecksumCapabilities;
@@ -61,6 +71,7 @@ use smoltcp::wire::{IpAddress, TcpControl as Control, TcpPacket, TcpRepr};
 
 use crate::event::{Register, Token};
 use crate::flow::{FlowIdx, FlowKey, FlowTable};
+use crate::fwd::{Listener, Nat};
 use crate::logger::Limiter;
 use crate::tap::ToGuest;
 use crate::wire;
@@ -86,6 +97,8 @@ pub struct TcpConfig {
     pub outbound_if6: Option<String>,
     /// Flow table capacity.
     pub max_flows: usize,
+    /// Guest addresses and host-loopback mapping.
+    pub nat: Nat,
 }
 
 /// Counters of the TCP translation.
@@ -100,12 +113,19 @@ pub struct TcpStats {
     pub connect_failed: u64,
     pub closed: u64,
     pub aborted: u64,
+    /// Connections accepted on forwarded ports.
+    pub accepted: u64,
+    /// Accepted connections we couldn't hand to the guest (full table, no address of the
+    /// family, duplicate tuple).
+    pub accept_refused: u64,
 }
 
 /// The host socket type, as [`Tcp`] opens and closes it (a fake one in tests).
 pub trait Socket: SockOps + Sized {
     fn connect(remote: SocketAddr, bind: Option<IpAddr>, bind_if: Option<&str>)
         -> io::Result<Self>;
+    /// A socket `accept()` returned (non-blocking, connected).
+    fn from_accepted(fd: OwnedFd) -> Self;
     fn raw_fd(&self) -> RawFd;
     fn note_events(&mut self, rdhup: bool);
     /// Closes with a RST to the peer.
@@ -119,6 +139,9 @@ impl Socket for HostSock {
         bind_if: Option<&str>,
     ) -> io::Result<Self> {
         HostSock::connect(remote, bind, bind_if)
+    }
+    fn from_accepted(fd: OwnedFd) -> Self {
+        HostSock::accepted(fd)
     }
     fn raw_fd(&self) -> RawFd {
         HostSock::raw_fd(self)
@@ -151,6 +174,8 @@ pub struct Tcp<S: Socket = HostSock> {
     stats: TcpStats,
     log_limit: Limiter,
     isn_key: u64,
+    /// Listening sockets of forwarded ports, indexed by their tokens.
+    listeners: Vec<Listener>,
 }
 
 impl<S: Socket> Tcp<S> {
@@ -175,6 +200,154 @@ impl<S: Socket> Tcp<S> {
             stats: TcpStats::default(),
             log_limit: Limiter::new(),
             isn_key,
+            listeners: Vec::new(),
+        }
+    }
+
+    /// Takes the listening sockets of forwarded ports and watches them.
+    pub fn add_listeners(&mut self, ls: Vec<Listener>, reg: &mut dyn Register) -> io::Result<()> {
+        for l in ls {
+            let i = self.listeners.len() as u32;
+            reg.add(
+                l.fd.as_raw_fd(),
+                epoll::Events::EPOLLIN,
+                Token::TcpListen(i),
+            )?;
+            self.listeners.push(l);
+        }
+        Ok(())
+    }
+
+    /// The guest sent from (or claimed) address `a`: inbound connections go there.
+    pub fn guest_addr_seen(&mut self, a: IpAddr) {
+        if self.cfg.nat.guest_addr_seen(a) {
+            log::debug!("tcp: guest address {a}");
+        }
+    }
+
+    pub fn listeners(&self) -> usize {
+        self.listeners.len()
+    }
+
+    /// A listening socket has connections to accept.
+    pub fn listener_ready(
+        &mut self,
+        li: u32,
+        now: Instant,
+        macs: Macs,
+        reg: &mut dyn Register,
+        to_guest: &mut dyn ToGuest,
+    ) {
+        let Some(l) = self.listeners.get(li as usize) else {
+            return;
+        };
+        let (lfd, guest_port) = (l.fd.as_raw_fd(), l.guest_port);
+        loop {
+            match crate::fwd::accept(lfd) {
+                Ok(Some((fd, peer))) => self.inbound(
+                    S::from_accepted(fd),
+                    peer,
+                    guest_port,
+                    now,
+                    macs,
+                    reg,
+                    to_guest,
+                ),
+                Ok(None) => break,
+                Err(e) => {
+                    // ECONNABORTED and the like: that one client is gone; EMFILE: the
+                    // rest stay queued until a flow closes.
+                    crate::limited!(self.log_limit, now, warn, "tcp: accept failed: {e}");
+                    if e.raw_os_error() != Some(libc::ECONNABORTED) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A connection accepted from `peer` for guest port `guest_port`: a flow, and our SYN
+    /// to the guest.
+    #[allow(clippy::too_many_arguments)]
+    pub fn inbound(
+        &mut self,
+        sock: S,
+        peer: SocketAddr,
+        guest_port: u16,
+        now: Instant,
+        macs: Macs,
+        reg: &mut dyn Register,
+        to_guest: &mut dyn ToGuest,
+    ) {
+        self.stats.accepted += 1;
+        let Some(src) = self.cfg.nat.host_to_guest_src(peer.ip()) else {
+            self.stats.accept_refused += 1;
+            return sock.abort();
+        };
+        let Some(dst) = self.cfg.nat.guest_addr(src) else {
+            self.stats.accept_refused += 1;
+            return sock.abort();
+        };
+        if self.table.is_full() {
+            self.stats.accept_refused += 1;
+            crate::limited!(
+                self.log_limit,
+                now,
+                warn,
+                "tcp: flow table full ({} flows), refusing connection from {peer}",
+                self.table.capacity()
+            );
+            return sock.abort();
+        }
+        let key = FlowKey {
+            proto: PROTO_TCP,
+            guest_addr: dst,
+            guest_port,
+            remote_addr: src,
+            remote_port: peer.port(),
+        };
+        let ends = Ends {
+            guest: (dst, guest_port),
+            remote: (src, peer.port()),
+        };
+        let isn = self.isn(&key);
+        let conn = Conn::new_inbound(ends, self.mss_link(dst.is_ipv6()), isn, now);
+        let fd = sock.raw_fd();
+        let idx = match self.table.insert(key, Flow { conn, sock }) {
+            Ok(idx) => idx,
+            Err(f) => {
+                // Two host clients that look the same to the guest (127.0.0.1:p and the
+                // host's address:p): the second one can't be told apart.
+                self.stats.accept_refused += 1;
+                return f.sock.abort();
+            }
+        };
+        let events = epoll::Events::EPOLLIN
+            | epoll::Events::EPOLLOUT
+            | epoll::Events::EPOLLRDHUP
+            | epoll::Events::EPOLLET;
+        if let Err(e) = reg.add(fd, events, Token::TcpSock(idx)) {
+            crate::limited!(self.log_limit, now, warn, "tcp: can't watch socket: {e}");
+            self.stats.accept_refused += 1;
+            if let Some(f) = self.table.remove(idx) {
+                f.sock.abort();
+            }
+            return;
+        }
+        log::debug!(
+            "tcp: flow {} {peer} -> {}:{guest_port} (guest sees {src})",
+            idx.0,
+            dst
+        );
+        let Tcp { table, buf, .. } = self;
+        if let Some(flow) = table.get_mut(idx) {
+            let mut out = Out {
+                to_guest,
+                guest_mac: macs.guest,
+                our_mac: macs.ours,
+                buf,
+            };
+            flow.conn.send_syn(now, &mut flow.sock, &mut out);
         }
     }
 
@@ -312,8 +485,13 @@ impl<S: Socket> Tcp<S> {
             rst_for(syn, ends, macs, to_guest);
             return;
         }
-        let remote = SocketAddr::new(key.remote_addr, key.remote_port);
+        let remote = self
+            .cfg
+            .nat
+            .guest_to_host_dst(SocketAddr::new(key.remote_addr, key.remote_port));
         let (bind, bind_if) = match key.remote_addr {
+            // The host's loopback: no outbound address or interface applies.
+            _ if remote.ip().is_loopback() => (None, None),
             IpAddr::V4(_) => (
                 self.cfg.outbound4.map(IpAddr::V4),
                 self.cfg.outbound_if4.as_deref(),
@@ -476,10 +654,12 @@ mod tests {
 
     thread_local! {
         static CONNECT_FAILS: Cell<bool> = const { Cell::new(false) };
+        static LAST_CONNECT: Cell<Option<(SocketAddr, Option<IpAddr>)>> = const { Cell::new(None) };
     }
 
     impl Socket for FakeSock {
-        fn connect(_: SocketAddr, _: Option<IpAddr>, _: Option<&str>) -> io::Result<Self> {
+        fn connect(to: SocketAddr, bind: Option<IpAddr>, _: Option<&str>) -> io::Result<Self> {
+            LAST_CONNECT.with(|c| c.set(Some((to, bind))));
             if CONNECT_FAILS.with(Cell::get) {
                 return Err(io::ErrorKind::NetworkUnreachable.into());
             }
@@ -487,6 +667,12 @@ mod tests {
                 space: 1 << 16,
                 ..FakeSock::default()
             })
+        }
+        fn from_accepted(_: OwnedFd) -> Self {
+            FakeSock {
+                space: 1 << 16,
+                ..FakeSock::default()
+            }
         }
         fn raw_fd(&self) -> RawFd {
             -1
@@ -709,5 +895,157 @@ mod tests {
             ..TcpConfig::default()
         });
         assert_eq!((t.mss_link(false), t.mss_link(true)), (1460, 1440));
+    }
+
+    fn nat() -> Nat {
+        Nat {
+            guest4: Some(G.into()),
+            gw4: Some([192, 0, 2, 1].into()),
+            map_host_loopback4: Some([192, 0, 2, 1].into()),
+            ..Nat::default()
+        }
+    }
+
+    /// Source and destination of an IPv4 frame to the guest.
+    fn ends_of(frame: &[u8]) -> ((IpAddr, u16), (IpAddr, u16)) {
+        let ip = smoltcp::wire::Ipv4Packet::new_checked(&frame[wire::ETH_HLEN..]).unwrap();
+        let t = TcpPacket::new_checked(ip.payload()).unwrap();
+        (
+            (IpAddr::V4(ip.src_addr()), t.src_port()),
+            (IpAddr::V4(ip.dst_addr()), t.dst_port()),
+        )
+    }
+
+    #[test]
+    fn inbound_connections_come_from_the_client_or_the_gateway() {
+        let mut t: Tcp<FakeSock> = Tcp::new(TcpConfig {
+            max_flows: 2,
+            nat: nat(),
+            ..TcpConfig::default()
+        });
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let now = Instant::now();
+        let sock = || FakeSock::default();
+        let peer: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        t.inbound(sock(), peer, 80, now, MACS, &mut reg, &mut s);
+        let lo: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        t.inbound(sock(), lo, 80, now, MACS, &mut reg, &mut s);
+        assert_eq!(s.frames.len(), 2);
+        assert_eq!(decode(&s.frames[0]).flags, flag::SYN);
+        assert_eq!(
+            ends_of(&s.frames[0]),
+            ((peer.ip(), 40000), (IpAddr::from(G), 80))
+        );
+        assert_eq!(
+            ends_of(&s.frames[1]),
+            (([192, 0, 2, 1].into(), 40001), (IpAddr::from(G), 80))
+        );
+        assert_eq!(
+            reg.0,
+            vec![Token::TcpSock(FlowIdx(0)), Token::TcpSock(FlowIdx(1))]
+        );
+        // Full: the next client is refused (reset), nothing to the guest.
+        t.inbound(
+            sock(),
+            "198.51.100.8:1".parse().unwrap(),
+            80,
+            now,
+            MACS,
+            &mut reg,
+            &mut s,
+        );
+        assert_eq!((t.stats().accepted, t.stats().accept_refused), (3, 1));
+        assert_eq!(s.frames.len(), 2);
+        // The guest refuses the first: flow gone.
+        let syn = decode(&s.frames[0]);
+        let rst = {
+            let mut sink = Sink {
+                frames: vec![],
+                room: 1,
+            };
+            conn::emit_segment(
+                &mut sink,
+                [0; 6],
+                [0; 6],
+                (IpAddr::from(G), 80),
+                (peer.ip(), 40000),
+                Header {
+                    seq: 0,
+                    ack: syn.seq.wrapping_add(1),
+                    flags: flag::RST | flag::ACK,
+                    wnd: 0,
+                },
+                &[],
+                &[],
+            );
+            sink.frames
+                .remove(0)
+                .split_off(wire::ETH_HLEN + wire::IPV4_HLEN)
+        };
+        t.from_guest(G.into(), peer.ip(), &rst, now, MACS, &mut reg, &mut s);
+        assert_eq!(t.active_flows(), 1);
+        assert_eq!(t.stats().aborted, 1);
+    }
+
+    #[test]
+    fn gateway_connections_go_to_the_host_loopback() {
+        let mut t: Tcp<FakeSock> = Tcp::new(TcpConfig {
+            max_flows: 2,
+            nat: nat(),
+            outbound4: Some([192, 0, 2, 2].into()),
+            ..TcpConfig::default()
+        });
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let syn = segment(1000, 5, None, flag::SYN, b"", false);
+        let gw = IpAddr::from([192, 0, 2, 1]);
+        t.from_guest(G.into(), gw, &syn, Instant::now(), MACS, &mut reg, &mut s);
+        // segment() builds it for R: its checksum is wrong for the gateway.
+        assert_eq!(t.stats().malformed, 1, "checksum covers the destination");
+        let mut sink = Sink {
+            frames: vec![],
+            room: 1,
+        };
+        conn::emit_segment(
+            &mut sink,
+            [0; 6],
+            [0; 6],
+            (IpAddr::from(G), 1000),
+            (gw, 22),
+            Header {
+                seq: 5,
+                ack: 0,
+                flags: flag::SYN,
+                wnd: 1000,
+            },
+            &[],
+            &[],
+        );
+        let syn = sink
+            .frames
+            .remove(0)
+            .split_off(wire::ETH_HLEN + wire::IPV4_HLEN);
+        t.from_guest(G.into(), gw, &syn, Instant::now(), MACS, &mut reg, &mut s);
+        assert_eq!(t.active_flows(), 1);
+        assert_eq!(
+            LAST_CONNECT.with(Cell::get),
+            Some(("127.0.0.1:22".parse().unwrap(), None)),
+            "loopback, without the outbound address"
+        );
+        t.from_guest(
+            G.into(),
+            R.into(),
+            &segment(1001, 5, None, flag::SYN, b"", false),
+            Instant::now(),
+            MACS,
+            &mut reg,
+            &mut s,
+        );
+        assert_eq!(
+            LAST_CONNECT.with(Cell::get),
+            Some((
+                "198.51.100.1:80".parse().unwrap(),
+                Some([192, 0, 2, 2].into())
+            ))
+        );
     }
 }

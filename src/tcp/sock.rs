@@ -166,6 +166,16 @@ impl HostSock {
         })
     }
 
+    /// A connection `accept()` returned.
+    pub fn accepted(fd: OwnedFd) -> HostSock {
+        let peek_off = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, SO_PEEK_OFF, 0).is_ok();
+        HostSock {
+            fd,
+            peek_off,
+            rdhup: false,
+        }
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
