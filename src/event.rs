@@ -38,6 +38,8 @@ pub enum Token {
     UdpSock(UdpFlowIdx),
     /// A listening socket of a forwarded TCP port, by its index.
     TcpListen(u32),
+    /// A bound socket of a forwarded UDP port, by its index.
+    UdpListen(u32),
 }
 
 impl Token {
@@ -54,6 +56,7 @@ impl Token {
             Token::TcpSock(i) => (7, u64::from(i.0)),
             Token::UdpSock(i) => (8, u64::from(i.0)),
             Token::TcpListen(i) => (9, u64::from(i)),
+            Token::UdpListen(i) => (10, u64::from(i)),
         };
         kind << Self::SHIFT | idx
     }
@@ -70,6 +73,7 @@ impl Token {
             7 => Token::TcpSock(FlowIdx(idx)),
             8 => Token::UdpSock(UdpFlowIdx(idx)),
             9 => Token::TcpListen(idx),
+            10 => Token::UdpListen(idx),
             _ => return None,
         })
     }
@@ -253,6 +257,9 @@ pub fn run(
     );
     if let Some(udp) = UdpConfig::from_config(cfg) {
         engine = engine.with_udp(udp);
+        engine
+            .udp_listen(forwards.udp)
+            .map_err(LoopError::EpollAdd)?;
     }
     if cfg.tcp {
         engine.enable_tcp(crate::tcp::TcpConfig {
@@ -339,6 +346,12 @@ pub fn run(
                     let to_guest = lp.link.guest_side();
                     lp.engine
                         .tcp_listener_ready(i, to_guest.unwrap_or(&mut Discard));
+                    None
+                }
+                Some(Token::UdpListen(i)) => {
+                    let to_guest = lp.link.guest_side();
+                    lp.engine
+                        .udp_listener_ready(i, to_guest.unwrap_or(&mut Discard));
                     None
                 }
                 Some(Token::TcpSock(idx)) => {
@@ -585,6 +598,7 @@ mod tests {
             Token::TcpSock(FlowIdx((1 << 24) - 1)),
             Token::UdpSock(UdpFlowIdx(4095)),
             Token::TcpListen(65535),
+            Token::UdpListen(65535),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

@@ -160,6 +160,8 @@ pub struct Config {
     // --- passt-rs TCP forwarding slice (tcp2) ---
     /// The `-t` specs, parsed.
     pub tcp_fwd: crate::fwd::spec::PortFwd,
+    /// Parsed `-u` specs (the `-t` ones when no `-u` is given).
+    pub udp_fwd: crate::fwd::spec::PortFwd,
     // --- end TCP forwarding ---
     /// `-u` specs, parsed by the port forwarding module.
     pub udp_ports: Vec<String>,
@@ -413,11 +415,18 @@ impl Config {
             Some(s) => Duration::from_secs(s),
         };
 
-        // --- passt-rs TCP forwarding slice (tcp2) ---
         let (tcp_fwd, fwd_notes) = crate::fwd::spec::PortFwd::parse_all(&args.tcp_ports)
             .map_err(|e| bad("--tcp-ports", e.to_string()))?;
         notes.extend(fwd_notes);
-        // --- end TCP forwarding ---
+        // As upstream passt: without -u, UDP forwards the ports -t forwards.
+        let udp_specs = if args.udp_ports.is_empty() {
+            &args.tcp_ports
+        } else {
+            &args.udp_ports
+        };
+        let (udp_fwd, fwd_notes) = crate::fwd::spec::PortFwd::parse_all(udp_specs)
+            .map_err(|e| bad("--udp-ports", e.to_string()))?;
+        notes.extend(fwd_notes);
 
         let mode = if args.vhost_user {
             Mode::VhostUser
@@ -455,6 +464,7 @@ impl Config {
             outbound_if6: args.outbound_if6.clone(),
             tcp_ports: args.tcp_ports.clone(),
             tcp_fwd,
+            udp_fwd,
             udp_ports: args.udp_ports.clone(),
             nat,
             udp_timeout,
