@@ -268,7 +268,7 @@ pub fn run(
             outbound6: cfg.outbound6,
             outbound_if4: cfg.outbound_if4.clone(),
             outbound_if6: cfg.outbound_if6.clone(),
-            max_flows: crate::flow::DEFAULT_CAPACITY,
+            max_flows: cfg.max_flows,
             nat: crate::fwd::Nat::from_config(cfg),
         });
         engine

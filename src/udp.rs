@@ -294,40 +294,32 @@ impl Udp {
     fn target(&self, remote: SocketAddr) -> Option<SocketAddr> {
         let nat = &self.cfg.nat;
         let port = remote.port();
-        let ip = match remote.ip() {
-            IpAddr::V4(a) => {
-                if let (true, Some(m), Some(h)) = (port == DNS_PORT, nat.dns_match4, nat.dns_host4)
-                {
-                    if a == m {
-                        return Some(SocketAddr::new(IpAddr::V4(h), DNS_PORT));
-                    }
+        if port == DNS_PORT {
+            match remote.ip() {
+                IpAddr::V4(a) if Some(a) == nat.dns_match4 => {
+                    return nat
+                        .dns_host4
+                        .map(|h| SocketAddr::new(IpAddr::V4(h), DNS_PORT));
                 }
-                if nat.map_host_loopback4 == Some(a) {
-                    IpAddr::V4(Ipv4Addr::LOCALHOST)
-                } else if a.is_loopback() {
-                    return None;
-                } else {
-                    IpAddr::V4(a)
+                IpAddr::V6(a) if Some(a) == nat.dns_match6 => {
+                    return nat
+                        .dns_host6
+                        .map(|h| SocketAddr::new(IpAddr::V6(h), DNS_PORT));
                 }
+                _ => {}
             }
-            IpAddr::V6(a) => {
-                if let (true, Some(m), Some(h)) = (port == DNS_PORT, nat.dns_match6, nat.dns_host6)
-                {
-                    if a == m {
-                        return Some(SocketAddr::new(IpAddr::V6(h), DNS_PORT));
-                    }
-                }
-                if nat.map_host_loopback6 == Some(a) {
-                    IpAddr::V6(Ipv6Addr::LOCALHOST)
-                } else if a.is_loopback() || crate::conf::is_link_local6(a) {
-                    // Other link-local addresses are on the guest's link, not the host's.
-                    return None;
-                } else {
-                    IpAddr::V6(a)
-                }
-            }
-        };
-        Some(SocketAddr::new(ip, port))
+        }
+        // The host-loopback and guest-address mappings, shared with TCP.
+        let mapped = self.fwd_nat.guest_to_host_dst(remote);
+        if mapped != remote {
+            return Some(mapped);
+        }
+        match remote.ip() {
+            IpAddr::V4(a) if a.is_loopback() => None,
+            // Other link-local addresses are on the guest's link, not the host's.
+            IpAddr::V6(a) if a.is_loopback() || crate::conf::is_link_local6(a) => None,
+            _ => Some(remote),
+        }
     }
 
     fn open(&mut self, key: Key, now: Instant, reg: &mut dyn Register) -> Option<UdpFlowIdx> {
@@ -1041,8 +1033,14 @@ mod tests {
                 dns_host4: Some(Ipv4Addr::new(127, 0, 0, 53)),
                 dns_match6: None,
                 dns_host6: None,
+                ..Nat::default()
             },
-            fwd_nat: crate::fwd::Nat::default(),
+            fwd_nat: crate::fwd::Nat {
+                guest4: Some(GUEST4),
+                map_host_loopback4: Some(GW4),
+                map_host_loopback6: Some("fe80::1".parse().unwrap()),
+                ..crate::fwd::Nat::default()
+            },
         }
     }
 
@@ -1107,10 +1105,17 @@ mod tests {
         assert_eq!(t("[fe80::2]:7"), None);
         assert_eq!(t("[::1]:7"), None);
         let mut c = cfg();
-        c.nat.map_host_loopback4 = None;
+        c.fwd_nat.map_host_loopback4 = None;
+        c.fwd_nat.map_guest_addr4 = Some(Ipv4Addr::new(192, 0, 2, 99));
+        let u = Udp::new(c);
         assert_eq!(
-            Udp::new(c).target("192.0.2.1:5000".parse().unwrap()),
+            u.target("192.0.2.1:5000".parse().unwrap()),
             Some("192.0.2.1:5000".parse().unwrap())
+        );
+        // --map-guest-addr: the address stands for the guest's own address on the host.
+        assert_eq!(
+            u.target("192.0.2.99:80".parse().unwrap()),
+            Some(SocketAddr::new(GUEST4.into(), 80))
         );
     }
 

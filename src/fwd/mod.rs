@@ -47,6 +47,10 @@ pub struct Nat {
     /// Guest-visible addresses standing for the host's loopback (`--map-host-loopback`).
     pub map_host_loopback4: Option<Ipv4Addr>,
     pub map_host_loopback6: Option<Ipv6Addr>,
+    /// Guest-visible addresses standing for the guest's own address on the host
+    /// (`--map-guest-addr`).
+    pub map_guest_addr4: Option<Ipv4Addr>,
+    pub map_guest_addr6: Option<Ipv6Addr>,
 }
 
 impl Nat {
@@ -56,6 +60,8 @@ impl Nat {
         Nat {
             map_host_loopback4: cfg.nat.map_host_loopback4,
             map_host_loopback6: cfg.nat.map_host_loopback6,
+            map_guest_addr4: cfg.nat.map_guest_addr4,
+            map_guest_addr6: cfg.nat.map_guest_addr6,
             ..Nat::from_net(&cfg.net)
         }
     }
@@ -72,6 +78,8 @@ impl Nat {
             gw6,
             map_host_loopback4: gw4,
             map_host_loopback6: gw6,
+            map_guest_addr4: None,
+            map_guest_addr6: None,
             seen4: None,
             seen6: None,
             seen_ll6: None,
@@ -87,6 +95,14 @@ impl Nat {
             IpAddr::V6(a) if Some(a) == self.map_host_loopback6 => {
                 SocketAddr::new(Ipv6Addr::LOCALHOST.into(), dst.port())
             }
+            IpAddr::V4(a) if Some(a) == self.map_guest_addr4 => match self.guest4 {
+                Some(g) => SocketAddr::new(g.into(), dst.port()),
+                None => dst,
+            },
+            IpAddr::V6(a) if Some(a) == self.map_guest_addr6 => match self.guest6 {
+                Some(g) => SocketAddr::new(g.into(), dst.port()),
+                None => dst,
+            },
             _ => dst,
         }
     }
