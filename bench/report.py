@@ -31,6 +31,9 @@ for r in csv.DictReader(open(raw)):
             cpu[key][1] += int(float(r["bytes"]))
     else:
         notes.setdefault(key, r["unit"])
+# Back-ends that were not available at all get no column (they are listed at the end).
+absent = {k[0] for k in notes if k[2] == "available"}
+backends -= absent
 cols = [b for b in ORDER if b in backends] + sorted(backends - set(ORDER))
 
 
@@ -68,6 +71,8 @@ def title(case):
     if case in TITLES:
         return TITLES[case]
     parts = case.split("_")
+    if len(parts) == 2 and parts[0] == "flows":
+        return f"{parts[1]} idle flows"
     if case.endswith("_setup"):
         return f"{parts[1]} idle flows: setup rate"
     if case.endswith("_rss_delta"):
@@ -83,7 +88,7 @@ def cell(b, m, c):
         mean, spread = stats(vals[key])
         n = len(vals[key])
         return f"{fmt(mean)} ±{spread:.0f}%" if n > 1 else fmt(mean)
-    for k in (key, (b, m, "attach"), (b, "-", "available")):
+    for k in (key, (b, m, "attach")):
         if k in notes:
             why = notes[k]
             return "n/s" if why.startswith("unsupported") else "err"
