@@ -186,7 +186,7 @@ impl Rig {
     }
 
     /// Hands what the guest wrote to the engine: one readable event.
-    fn from_guest(&mut self) {
+    fn guest_frames(&mut self) {
         let _ = self.tap.handle_readable(&mut self.engine);
     }
 
@@ -224,14 +224,14 @@ fn inner_allocations() {
     // ARP: engine-answered frames (parse, build reply, stream write).
     for _ in 0..2 {
         put(&mut rig.guest, &vec![arp.clone(); BATCH]);
-        rig.from_guest();
+        rig.guest_frames();
         assert!(take(&mut rig.guest, BATCH).iter().all(|&t| t == 0x0806));
     }
     let mut arp_allocs = 0;
     let mut arp_bytes = 0;
     for _ in 0..ROUNDS {
         put(&mut rig.guest, &vec![arp.clone(); BATCH]);
-        let ((), a, b) = counted(|| rig.from_guest());
+        let ((), a, b) = counted(|| rig.guest_frames());
         arp_allocs += a;
         arp_bytes += b;
         assert_eq!(take(&mut rig.guest, BATCH).len(), BATCH);
@@ -252,11 +252,11 @@ fn inner_allocations() {
         let mut replies = 0;
         let deadline = Instant::now() + Duration::from_secs(5);
         if count {
-            let ((), x, y) = counted(|| rig.from_guest());
+            let ((), x, y) = counted(|| rig.guest_frames());
             a += x;
             b += y;
         } else {
-            rig.from_guest();
+            rig.guest_frames();
         }
         // Replies come back from the kernel through the ping socket.
         let mut got = 0;
