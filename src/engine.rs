@@ -139,6 +139,11 @@ impl Engine {
         }
     }
 
+    /// Whether TCP wants its timer at [`crate::tcp::FAST_TIMER`] for now.
+    pub fn tcp_wants_fast_timer(&self) -> bool {
+        self.tcp.as_ref().is_some_and(|t| t.wants_fast_timer())
+    }
+
     /// TCP timers: retransmissions, window updates, timeouts.
     pub fn tcp_timer(&mut self, now: Instant, to_guest: &mut dyn ToGuest) {
         let macs = self.macs();

@@ -315,10 +315,16 @@ pub fn run(
 
     let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); MAX_EVENTS];
     let mut last_periodic = Instant::now();
+    let mut last_tcp_timer = last_periodic;
     loop {
+        let tcp_interval = if lp.engine.tcp_wants_fast_timer() {
+            crate::tcp::FAST_TIMER
+        } else {
+            PERIODIC
+        };
         let n = match epoll::wait(
             lp.epoll.0.as_raw_fd(),
-            PERIODIC.as_millis() as i32,
+            tcp_interval.as_millis() as i32,
             &mut events,
         ) {
             Ok(n) => n,
@@ -385,6 +391,9 @@ pub fn run(
         if now.duration_since(last_periodic) >= PERIODIC {
             last_periodic = now;
             lp.engine.periodic(now);
+        }
+        if now.duration_since(last_tcp_timer) >= tcp_interval {
+            last_tcp_timer = now;
             lp.engine
                 .tcp_timer(now, lp.link.guest_side().unwrap_or(&mut Discard));
         }
