@@ -87,8 +87,6 @@ impl Engine {
         self.icmp.as_ref().map(Icmp::stats)
     }
 
-    // --- TCP (passt-rs TCP slice) ---
-
     /// Turns TCP translation on.
     pub fn enable_tcp(&mut self, cfg: TcpConfig) {
         self.tcp = Some(Box::new(Tcp::new(cfg)));
@@ -183,8 +181,6 @@ impl Engine {
             None => self.stats.unsupported += 1,
         }
     }
-
-    // --- end TCP ---
 
     /// Turns on UDP translation (off until called: `--no-udp`).
     pub fn with_udp(mut self, cfg: UdpConfig) -> Self {

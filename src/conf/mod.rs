@@ -155,16 +155,10 @@ pub struct Config {
     pub outbound6: Option<Ipv6Addr>,
     pub outbound_if4: Option<String>,
     pub outbound_if6: Option<String>,
-    /// `-t` specs, parsed by the port forwarding module.
-    pub tcp_ports: Vec<String>,
-    // --- passt-rs TCP forwarding slice (tcp2) ---
     /// The `-t` specs, parsed.
     pub tcp_fwd: crate::fwd::spec::PortFwd,
     /// Parsed `-u` specs (the `-t` ones when no `-u` is given).
     pub udp_fwd: crate::fwd::spec::PortFwd,
-    // --- end TCP forwarding ---
-    /// `-u` specs, parsed by the port forwarding module.
-    pub udp_ports: Vec<String>,
     /// Address translations for guest traffic to the host and to DNS.
     pub nat: Nat,
     /// Idle time after which a UDP flow is closed (`--udp-timeout`).
@@ -478,10 +472,8 @@ impl Config {
             outbound6,
             outbound_if4: args.outbound_if4.clone(),
             outbound_if6: args.outbound_if6.clone(),
-            tcp_ports: args.tcp_ports.clone(),
             tcp_fwd,
             udp_fwd,
-            udp_ports: args.udp_ports.clone(),
             nat,
             udp_timeout,
             max_flows,
