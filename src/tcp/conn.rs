@@ -1368,6 +1368,85 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn host_data_peeked_in_place_into_frames() {
+        let mut t = established();
+        t.sock.in_place = true;
+        t.sock.rx.extend((0..=255u8).cycle().take(5000));
+        t.ready(true, false, false);
+        let segs = t.take();
+        // Window 4000, MSS 100: 40 segments, each a peek into its own frame, checksums
+        // over the payload as it landed (decode checks them).
+        assert_eq!(segs.len(), 40);
+        assert!(segs.iter().all(|g| g.payload.len() == 100));
+        let all: Vec<u8> = segs.iter().flat_map(|g| g.payload.clone()).collect();
+        assert_eq!(
+            all[..],
+            t.sock.rx.iter().copied().take(4000).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(t.sock.rx.len(), 5000, "peeked, not consumed");
+        // The rest after an ACK: 1000 bytes, then a short read of 50 is pushed.
+        t.ack(ISN + 1 + 4000, 1000);
+        let more = t.take();
+        assert_eq!(more.len(), 10);
+        assert_eq!(more[0].seq, ISN + 1 + 4000);
+        t.sock.rx.extend([1u8; 50]);
+        t.ready(true, false, false);
+        let last = t.take();
+        assert_eq!(last.len(), 1);
+        assert_eq!(
+            (last[0].payload.len(), last[0].flags & flag::PSH),
+            (50, flag::PSH)
+        );
+        // End of stream: FIN right after the data.
+        t.sock.eof = true;
+        t.ready(true, false, false);
+        let fin = t.take();
+        assert_eq!(fin.len(), 1);
+        assert_eq!(
+            (fin[0].flags & flag::FIN, fin[0].seq),
+            (flag::FIN, ISN + 1 + 5050)
+        );
+    }
+
+    /// A back-end without room for frames built in place.
+    struct Full;
+    impl ToGuest for Full {
+        fn send(&mut self, _: &[&[u8]]) -> bool {
+            false
+        }
+        fn flush(&mut self) {}
+        fn send_with(&mut self, _: usize, _: usize, _: usize, _: &mut dyn FrameWriter) -> SendWith {
+            SendWith::NoRoom
+        }
+    }
+
+    #[test]
+    fn no_room_keeps_data_in_the_socket_until_room_returns() {
+        let mut t = established();
+        t.sock.in_place = true;
+        t.sock.rx.extend([7u8; 300]);
+        let mut buf = vec![0u8; 64];
+        let mut out = Out {
+            to_guest: &mut Full,
+            guest_mac: [2; 6],
+            our_mac: [3; 6],
+            buf: &mut buf,
+        };
+        assert_eq!(
+            t.conn.sock_to_tap(t.now, &mut t.sock, &mut out),
+            Verdict::Keep
+        );
+        assert_eq!(t.conn.in_flight(), 0, "nothing sent");
+        assert!(t.conn.take_tap_blocked());
+        assert!(!t.conn.take_tap_blocked(), "cleared");
+        // Room again: the retry sends it all.
+        t.ready(true, false, false);
+        let segs = t.take();
+        assert_eq!(segs.iter().map(|g| g.payload.len()).sum::<usize>(), 300);
+        assert!(!t.conn.take_tap_blocked());
+    }
+
+    #[test]
     fn zero_window_stops_until_the_update() {
         let mut t = established();
         t.ack(ISN + 1, 0);

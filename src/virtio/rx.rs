@@ -1062,6 +1062,206 @@ mod tests {
         assert_eq!(rx.stats().drop_too_big, 2);
     }
 
+    /// Writes `data` (cut to the room) as payload and `hdr_len` bytes of 0xee as header;
+    /// records what the back-end offered.
+    struct TestWriter {
+        data: Vec<u8>,
+        give_up: bool,
+        room: usize,
+        got: Option<(usize, u16)>,
+    }
+
+    impl TestWriter {
+        fn new(data: Vec<u8>) -> Self {
+            TestWriter {
+                data,
+                give_up: false,
+                room: 0,
+                got: None,
+            }
+        }
+    }
+
+    impl FrameWriter for TestWriter {
+        fn payload(&mut self, room: &[libc::iovec]) -> Option<usize> {
+            self.room = room.iter().map(|v| v.iov_len).sum();
+            if self.give_up {
+                return None;
+            }
+            let mut n = 0;
+            for v in room {
+                let k = v.iov_len.min(self.data.len() - n);
+                // SAFETY: test memory, no guest running; the iovec is lent for writing.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.data[n..].as_ptr(), v.iov_base.cast(), k)
+                };
+                n += k;
+            }
+            Some(n)
+        }
+        fn header(&mut self, hdr: &mut [u8], len: usize, sum: u16) -> bool {
+            hdr.fill(0xee);
+            self.got = Some((len, sum));
+            true
+        }
+    }
+
+    const HDR: usize = 42;
+
+    #[test]
+    fn in_place_partial_fill_gives_back_the_rest() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, mut call) = started(&mem, &d, mrg(false));
+        let bufs: Vec<_> = (0..4).map(|_| d.rx_buf(1024)).collect();
+        let data = frame(100, 7);
+        let mut w = TestWriter::new(data.clone());
+        assert_eq!(rx.send_with(HDR, 1, 3000, &mut w), SendWith::Sent(100));
+        assert_eq!(w.room, 3000, "room for the whole maximum, over 4 buffers");
+        assert_eq!(w.got, Some((100, PartialSum::of(&data).value())));
+        assert_eq!(rx.rx.ring.next_avail(), 1, "unused buffers rewound");
+        assert_eq!(d.used_idx(), 0);
+        rx.flush();
+        assert_eq!(d.used_idx(), 1);
+        assert_eq!(take(&mut call), 1);
+        let (got, n) = read_frame(&d, &bufs, 0);
+        assert_eq!(n, 1);
+        assert!(got[..HDR].iter().all(|&b| b == 0xee));
+        assert_eq!(&got[HDR..], &data[..]);
+        // The next frame takes the next buffer.
+        let mut w = TestWriter::new(frame(10, 1));
+        assert_eq!(rx.send_with(HDR, 1, 10, &mut w), SendWith::Sent(10));
+        rx.flush();
+        let (got, _) = read_frame(&d, &bufs, 1);
+        assert_eq!(got.len(), ETH_MIN_FRAME, "padded");
+        assert_eq!(&got[HDR..HDR + 10], &frame(10, 1)[..]);
+        assert!(got[HDR + 10..].iter().all(|&b| b == 0));
+        assert_eq!(d.used_elem(1).0, u32::from(bufs[1].0));
+    }
+
+    #[test]
+    fn in_place_mergeable_spread_sets_num_buffers() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        let bufs: Vec<_> = (0..5).map(|_| d.rx_buf(1024)).collect();
+        let data = frame(2500, 3);
+        let mut w = TestWriter::new(data.clone());
+        assert_eq!(rx.send_with(HDR, 1, 4000, &mut w), SendWith::Sent(2500));
+        assert_eq!(rx.rx.ring.next_avail(), 3, "2554 bytes over 3 buffers");
+        rx.flush();
+        assert_eq!(d.used_idx(), 3);
+        let (got, n) = read_frame(&d, &bufs, 0);
+        assert_eq!(n, 3);
+        assert_eq!(&got[HDR..], &data[..]);
+        assert_eq!(w.got, Some((2500, PartialSum::of(&data).value())));
+        assert_eq!(rx.stats().buffers, 3);
+    }
+
+    #[test]
+    fn in_place_abandoned_frame_leaves_the_ring_as_it_was() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        d.rx_buf(1024);
+        d.rx_buf(1024);
+        let mut w = TestWriter::new(vec![]);
+        w.give_up = true;
+        assert_eq!(rx.send_with(HDR, 1, 1500, &mut w), SendWith::Abandoned);
+        assert_eq!(rx.rx.ring.next_avail(), 0);
+        rx.flush();
+        assert_eq!(d.used_idx(), 0);
+        assert_eq!(rx.stats().frames, 0);
+    }
+
+    #[test]
+    fn in_place_takes_less_than_the_maximum_when_the_ring_is_short() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        d.rx_buf(1024);
+        d.rx_buf(1024);
+        let mut w = TestWriter::new(frame(60000, 1));
+        assert_eq!(
+            rx.send_with(HDR, 500, 60000, &mut w),
+            SendWith::Sent(2048 - NET_HDR_LEN - HDR)
+        );
+        assert_eq!(rx.rx.ring.next_avail(), 2);
+        // Too little left for the minimum: no room, and a kick is asked for.
+        let mut w = TestWriter::new(frame(100, 1));
+        assert_eq!(rx.send_with(HDR, 500, 600, &mut w), SendWith::NoRoom);
+        assert_eq!(w.room, 0, "writer not called");
+        assert_eq!(d.avail_event(), 2);
+    }
+
+    #[test]
+    fn in_place_ring_running_dry_mid_batch_then_room_returns_on_kick() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        let mut bufs: Vec<_> = (0..2).map(|_| d.rx_buf(1024)).collect();
+        let mut sent = 0;
+        for i in 0..4u8 {
+            let mut w = TestWriter::new(frame(900, i));
+            match rx.send_with(HDR, 900, 900, &mut w) {
+                SendWith::Sent(900) => sent += 1,
+                SendWith::NoRoom => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(sent, 2);
+        assert_eq!(rx.rx.ring.next_avail(), 2);
+        assert!(!rx.room_returned(), "no buffers came yet");
+        rx.flush();
+        assert_eq!(d.used_idx(), 2);
+        bufs.push(d.rx_buf(1024));
+        rx.handle_kick();
+        assert!(rx.room_returned());
+        assert!(!rx.room_returned(), "reported once");
+        let mut w = TestWriter::new(frame(900, 2));
+        assert_eq!(rx.send_with(HDR, 900, 900, &mut w), SendWith::Sent(900));
+        rx.flush();
+        assert_eq!(read_frame(&d, &bufs, 2).0[HDR..], frame(900, 2)[..]);
+    }
+
+    #[test]
+    fn in_place_waits_behind_pending_frames() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        assert!(rx.send(&[&frame(100, 0)]), "queued: no buffers");
+        let mut w = TestWriter::new(frame(100, 1));
+        assert_eq!(rx.send_with(HDR, 1, 100, &mut w), SendWith::NoRoom);
+        let bufs = vec![d.rx_buf(1024), d.rx_buf(1024)];
+        rx.handle_kick();
+        assert!(rx.room_returned());
+        assert_eq!(rx.send_with(HDR, 1, 100, &mut w), SendWith::Sent(100));
+        rx.flush();
+        assert_eq!(read_frame(&d, &bufs, 0).0, frame(100, 0), "in order");
+        assert_eq!(read_frame(&d, &bufs, 1).0[HDR..], frame(100, 1)[..]);
+    }
+
+    #[test]
+    fn in_place_non_mergeable_offers_one_chain() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let feat = NetFeatures {
+            event_idx: false,
+            mrg_rxbuf: false,
+            hdr_len: NET_HDR_LEN,
+        };
+        let (mut rx, _call) = started(&mem, &d, feat);
+        let bufs = vec![d.rx_buf(1600), d.rx_buf(1600)];
+        let mut w = TestWriter::new(frame(3000, 1));
+        assert_eq!(
+            rx.send_with(HDR, 1, 3000, &mut w),
+            SendWith::Sent(1600 - NET_HDR_LEN - HDR)
+        );
+        assert_eq!(rx.rx.ring.next_avail(), 1);
+        rx.flush();
+        assert_eq!(read_frame(&d, &bufs, 0).1, 1);
+    }
+
     #[test]
     fn pending_buffer_wraps_and_keeps_order() {
         let mut p = Pending::new(100, 8);
