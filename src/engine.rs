@@ -139,6 +139,11 @@ impl Engine {
         }
     }
 
+    /// Whether TCP wants its timer at [`crate::tcp::FAST_TIMER`] for now.
+    pub fn tcp_wants_fast_timer(&self) -> bool {
+        self.tcp.as_ref().is_some_and(|t| t.wants_fast_timer())
+    }
+
     /// TCP timers: retransmissions, window updates, timeouts.
     pub fn tcp_timer(&mut self, now: Instant, to_guest: &mut dyn ToGuest) {
         let macs = self.macs();
@@ -148,11 +153,8 @@ impl Engine {
     }
 
     /// Learns the guest's own address from a frame's source (or, for Duplicate Address
-    /// Detection, the address it claims), for inbound connections.
+    /// Detection, the address it claims), for inbound connections and datagrams.
     fn learn_guest_addr(&mut self, src: IpAddr, l4_ndp_target: Option<&[u8]>) {
-        let Some(tcp) = self.tcp.as_mut() else {
-            return;
-        };
         let a = match (src, l4_ndp_target) {
             (IpAddr::V6(s), Some(ns)) if s.is_unspecified() => {
                 match <[u8; 16]>::try_from(ns.get(8..24).unwrap_or_default()) {
@@ -162,7 +164,13 @@ impl Engine {
             }
             (a, _) => a,
         };
-        tcp.guest_addr_seen(a);
+        // Each translation keeps its own copy of the addresses it maps; both learn here.
+        if let Some(tcp) = self.tcp.as_mut() {
+            tcp.guest_addr_seen(a);
+        }
+        if let Some(udp) = self.udp.as_mut() {
+            udp.guest_addr_seen(a);
+        }
     }
 
     fn tcp_segment(&mut self, src: IpAddr, dst: IpAddr, l4: &[u8], to_guest: &mut dyn ToGuest) {
@@ -186,6 +194,22 @@ impl Engine {
 
     pub fn udp_stats(&self) -> Option<crate::udp::UdpStats> {
         self.udp.as_ref().map(Udp::stats)
+    }
+
+    /// Watches the bound sockets of forwarded UDP ports (UDP must be on).
+    pub fn udp_listen(&mut self, ls: Vec<crate::fwd::Listener>) -> std::io::Result<()> {
+        match self.udp.as_mut() {
+            Some(udp) => udp.add_listeners(ls, &mut self.registrar),
+            None => Ok(()),
+        }
+    }
+
+    /// Datagrams wait on a forwarded UDP port.
+    pub fn udp_listener_ready(&mut self, i: u32, to_guest: &mut dyn ToGuest) {
+        let macs = (self.guest_mac, self.net.our_mac);
+        if let Some(udp) = self.udp.as_mut() {
+            udp.listener_ready(i, self.now, macs, &mut self.registrar, to_guest);
+        }
     }
 
     /// A UDP flow socket is readable, or (`err`) reports an error.
@@ -461,6 +485,7 @@ mod tests {
         let mut e = engine().with_udp(UdpConfig {
             idle_timeout: std::time::Duration::from_secs(180),
             nat: crate::conf::Nat::default(),
+            fwd_nat: crate::fwd::Nat::default(),
         });
         let mut sink = Sink(Vec::new());
         let mut x: u32 = 0x9e37_79b9;

@@ -38,6 +38,8 @@ pub enum Token {
     UdpSock(UdpFlowIdx),
     /// A listening socket of a forwarded TCP port, by its index.
     TcpListen(u32),
+    /// A bound socket of a forwarded UDP port, by its index.
+    UdpListen(u32),
 }
 
 impl Token {
@@ -54,6 +56,7 @@ impl Token {
             Token::TcpSock(i) => (7, u64::from(i.0)),
             Token::UdpSock(i) => (8, u64::from(i.0)),
             Token::TcpListen(i) => (9, u64::from(i)),
+            Token::UdpListen(i) => (10, u64::from(i)),
         };
         kind << Self::SHIFT | idx
     }
@@ -70,6 +73,7 @@ impl Token {
             7 => Token::TcpSock(FlowIdx(idx)),
             8 => Token::UdpSock(UdpFlowIdx(idx)),
             9 => Token::TcpListen(idx),
+            10 => Token::UdpListen(idx),
             _ => return None,
         })
     }
@@ -253,6 +257,9 @@ pub fn run(
     );
     if let Some(udp) = UdpConfig::from_config(cfg) {
         engine = engine.with_udp(udp);
+        engine
+            .udp_listen(forwards.udp)
+            .map_err(LoopError::EpollAdd)?;
     }
     if cfg.tcp {
         engine.enable_tcp(crate::tcp::TcpConfig {
@@ -261,7 +268,7 @@ pub fn run(
             outbound6: cfg.outbound6,
             outbound_if4: cfg.outbound_if4.clone(),
             outbound_if6: cfg.outbound_if6.clone(),
-            max_flows: crate::flow::DEFAULT_CAPACITY,
+            max_flows: cfg.max_flows,
             nat: crate::fwd::Nat::from_config(cfg),
         });
         engine
@@ -308,10 +315,16 @@ pub fn run(
 
     let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); MAX_EVENTS];
     let mut last_periodic = Instant::now();
+    let mut last_tcp_timer = last_periodic;
     loop {
+        let tcp_interval = if lp.engine.tcp_wants_fast_timer() {
+            crate::tcp::FAST_TIMER
+        } else {
+            PERIODIC
+        };
         let n = match epoll::wait(
             lp.epoll.0.as_raw_fd(),
-            PERIODIC.as_millis() as i32,
+            tcp_interval.as_millis() as i32,
             &mut events,
         ) {
             Ok(n) => n,
@@ -339,6 +352,12 @@ pub fn run(
                     let to_guest = lp.link.guest_side();
                     lp.engine
                         .tcp_listener_ready(i, to_guest.unwrap_or(&mut Discard));
+                    None
+                }
+                Some(Token::UdpListen(i)) => {
+                    let to_guest = lp.link.guest_side();
+                    lp.engine
+                        .udp_listener_ready(i, to_guest.unwrap_or(&mut Discard));
                     None
                 }
                 Some(Token::TcpSock(idx)) => {
@@ -372,6 +391,9 @@ pub fn run(
         if now.duration_since(last_periodic) >= PERIODIC {
             last_periodic = now;
             lp.engine.periodic(now);
+        }
+        if now.duration_since(last_tcp_timer) >= tcp_interval {
+            last_tcp_timer = now;
             lp.engine
                 .tcp_timer(now, lp.link.guest_side().unwrap_or(&mut Discard));
         }
@@ -593,6 +615,7 @@ mod tests {
             Token::TcpSock(FlowIdx((1 << 24) - 1)),
             Token::UdpSock(UdpFlowIdx(4095)),
             Token::TcpListen(65535),
+            Token::UdpListen(65535),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

@@ -47,9 +47,6 @@ fn run(args: &Args) -> Result<(), String> {
     for note in &cfg.notes {
         log::info!("{note}");
     }
-    if !args.udp_ports.is_empty() {
-        log::warn!("-u port forwarding is not implemented yet: ignoring");
-    }
     log_config(&cfg);
     // Forwarded ports are bound before the socket is announced and before we go to the
     // background: a failure is fatal, and a client may connect once we say we're ready.

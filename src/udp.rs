@@ -19,7 +19,15 @@
 //! 3. Every datagram of the flow is sent on that socket as the guest wrote it: payload only,
 //!    the kernel writes the headers.
 //!
-//! Inbound (remote → guest): a readable flow socket's datagrams are read behind room for
+//! Forwarded ports (`-u`, as upstream passt: the `-t` ports when no `-u` is given): a
+//! datagram arriving on a forwarded port's bound socket from host client C opens (or finds)
+//! the flow (guest address, mapped guest port) ↔ (C as the guest sees it: loopback and the
+//! host's own addresses appear as the host-loopback address, the gateway), whose socket is
+//! bound to the forwarded port and connected to C. From then on the kernel hands C's
+//! datagrams to that socket rather than the shared one, and the guest's replies leave from
+//! the forwarded port, as C expects.
+//!
+//! Towards the guest: a readable flow socket's datagrams are read behind room for
 //! Ethernet, IP and UDP headers, which are written from the flow's key, so replies come from
 //! the address and port the guest sent to (the gateway or the DNS-forwarding address, when
 //! those were mapped), and go to the guest's address and port.
@@ -38,10 +46,12 @@
 //! is closed by [`Udp::expire`]. Datagrams towards the guest larger than what fits
 //! [`crate::tap::MAX_FRAME`] (65507 bytes of payload over IPv4, 65487 over IPv6) are
 //! dropped and counted. The receive buffers serve every flow: nothing is allocated per
-//! datagram. Host datagrams are received one `recvmsg` each straight into the frame the
-//! guest back-end lends (guest memory in vhost-user mode), at most [`RECV_BUDGET`] per
-//! readiness event. Not yet: inbound `-u` forwarding, `sendmmsg`
-//! towards the host (datagrams go out one `send` each).
+//! datagram. Host datagrams of a flow are received one `recvmsg` each straight into the
+//! frame the guest back-end lends (guest memory in vhost-user mode), at most
+//! [`RECV_BUDGET`] per readiness event. A forwarded port's first datagram from a client is
+//! read through our buffer (its source picks the flow); the client's later ones arrive on
+//! the flow's connected socket. Not yet: `sendmmsg` towards the host (datagrams go out one
+//! `send` each).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -87,6 +97,8 @@ pub struct UdpFlowIdx(pub u32);
 pub struct UdpConfig {
     pub idle_timeout: Duration,
     pub nat: Nat,
+    /// Address translation of forwarded ports (`-u`).
+    pub fwd_nat: crate::fwd::Nat,
 }
 
 impl UdpConfig {
@@ -95,6 +107,7 @@ impl UdpConfig {
         cfg.udp.then(|| UdpConfig {
             idle_timeout: cfg.udp_timeout,
             nat: cfg.nat.clone(),
+            fwd_nat: crate::fwd::Nat::from_config(cfg),
         })
     }
 }
@@ -108,6 +121,9 @@ struct Key {
 
 struct Flow {
     key: Key,
+    /// The other end on the host: the target of an outbound flow, the client of a
+    /// forwarded one.
+    host_peer: SocketAddr,
     sock: OwnedFd,
     last_used: Instant,
     /// Not reading: no room towards the guest (see [`Udp::room_returned`]).
@@ -145,6 +161,11 @@ pub struct UdpStats {
 /// The UDP flow table.
 pub struct Udp {
     cfg: UdpConfig,
+    /// Address translation for forwarded ports: the guest's address as seen, client
+    /// addresses as the guest sees them.
+    fwd_nat: crate::fwd::Nat,
+    /// Bound sockets of forwarded ports, by the index in their epoll token.
+    listeners: Vec<crate::fwd::Listener>,
     flows: Vec<Option<Flow>>,
     by_key: HashMap<Key, UdpFlowIdx>,
     /// Free slots, lowest on top.
@@ -162,7 +183,9 @@ pub struct Udp {
 impl Udp {
     pub fn new(cfg: UdpConfig) -> Self {
         Udp {
+            fwd_nat: cfg.fwd_nat.clone(),
             cfg,
+            listeners: Vec::new(),
             flows: (0..MAX_FLOWS).map(|_| None).collect(),
             by_key: HashMap::with_capacity(MAX_FLOWS),
             free: (0..MAX_FLOWS as u32).rev().collect(),
@@ -277,40 +300,32 @@ impl Udp {
     fn target(&self, remote: SocketAddr) -> Option<SocketAddr> {
         let nat = &self.cfg.nat;
         let port = remote.port();
-        let ip = match remote.ip() {
-            IpAddr::V4(a) => {
-                if let (true, Some(m), Some(h)) = (port == DNS_PORT, nat.dns_match4, nat.dns_host4)
-                {
-                    if a == m {
-                        return Some(SocketAddr::new(IpAddr::V4(h), DNS_PORT));
-                    }
+        if port == DNS_PORT {
+            match remote.ip() {
+                IpAddr::V4(a) if Some(a) == nat.dns_match4 => {
+                    return nat
+                        .dns_host4
+                        .map(|h| SocketAddr::new(IpAddr::V4(h), DNS_PORT));
                 }
-                if nat.map_host_loopback4 == Some(a) {
-                    IpAddr::V4(Ipv4Addr::LOCALHOST)
-                } else if a.is_loopback() {
-                    return None;
-                } else {
-                    IpAddr::V4(a)
+                IpAddr::V6(a) if Some(a) == nat.dns_match6 => {
+                    return nat
+                        .dns_host6
+                        .map(|h| SocketAddr::new(IpAddr::V6(h), DNS_PORT));
                 }
+                _ => {}
             }
-            IpAddr::V6(a) => {
-                if let (true, Some(m), Some(h)) = (port == DNS_PORT, nat.dns_match6, nat.dns_host6)
-                {
-                    if a == m {
-                        return Some(SocketAddr::new(IpAddr::V6(h), DNS_PORT));
-                    }
-                }
-                if nat.map_host_loopback6 == Some(a) {
-                    IpAddr::V6(Ipv6Addr::LOCALHOST)
-                } else if a.is_loopback() || crate::conf::is_link_local6(a) {
-                    // Other link-local addresses are on the guest's link, not the host's.
-                    return None;
-                } else {
-                    IpAddr::V6(a)
-                }
-            }
-        };
-        Some(SocketAddr::new(ip, port))
+        }
+        // The host-loopback and guest-address mappings, shared with TCP.
+        let mapped = self.fwd_nat.guest_to_host_dst(remote);
+        if mapped != remote {
+            return Some(mapped);
+        }
+        match remote.ip() {
+            IpAddr::V4(a) if a.is_loopback() => None,
+            // Other link-local addresses are on the guest's link, not the host's.
+            IpAddr::V6(a) if a.is_loopback() || crate::conf::is_link_local6(a) => None,
+            _ => Some(remote),
+        }
     }
 
     fn open(&mut self, key: Key, now: Instant, reg: &mut dyn Register) -> Option<UdpFlowIdx> {
@@ -324,6 +339,19 @@ impl Udp {
             );
             return None;
         };
+        self.open_socket(key, target, key.guest.port(), now, reg)
+    }
+
+    /// Opens the socket of a new flow to `host_peer`, bound to `port` where possible.
+    fn open_socket(
+        &mut self,
+        key: Key,
+        host_peer: SocketAddr,
+        port: u16,
+        now: Instant,
+        reg: &mut dyn Register,
+    ) -> Option<UdpFlowIdx> {
+        let target = host_peer;
         let Some(&slot) = self.free.last() else {
             self.stats.table_full += 1;
             crate::limited!(
@@ -334,7 +362,7 @@ impl Udp {
             );
             return None;
         };
-        let sock = match flow_socket(target, key.guest.port()) {
+        let sock = match flow_socket(target, port) {
             Ok(s) => s,
             Err(e) => {
                 if e == Errno::EMFILE || e == Errno::ENFILE {
@@ -366,6 +394,7 @@ impl Udp {
         self.free.pop();
         self.flows[slot as usize] = Some(Flow {
             key,
+            host_peer,
             sock,
             last_used: now,
             muted: false,
@@ -379,6 +408,124 @@ impl Udp {
             key.remote
         );
         Some(idx)
+    }
+
+    /// Watches the bound sockets of forwarded ports.
+    pub fn add_listeners(
+        &mut self,
+        ls: Vec<crate::fwd::Listener>,
+        reg: &mut dyn Register,
+    ) -> std::io::Result<()> {
+        for l in ls {
+            let i = self.listeners.len() as u32;
+            reg.add(
+                l.fd.as_raw_fd(),
+                epoll::Events::EPOLLIN,
+                Token::UdpListen(i),
+            )?;
+            self.listeners.push(l);
+        }
+        Ok(())
+    }
+
+    /// The guest sent from (or claimed) address `a`: forwarded datagrams go there.
+    pub fn guest_addr_seen(&mut self, a: IpAddr) {
+        self.fwd_nat.guest_addr_seen(a);
+    }
+
+    /// Datagrams arrived on forwarded port `i`: each goes to the guest through the flow of
+    /// its client, opened on the first one.
+    pub fn listener_ready(
+        &mut self,
+        i: u32,
+        now: Instant,
+        macs: ([u8; 6], [u8; 6]),
+        reg: &mut dyn Register,
+        to_guest: &mut dyn ToGuest,
+    ) {
+        let Some(l) = self.listeners.get(i as usize) else {
+            return;
+        };
+        let (fd, host_port, guest_port) = (l.fd.as_raw_fd(), l.host_port, l.guest_port);
+        for _ in 0..RECV_BUDGET {
+            let buf = &mut self.buf[PAYLOAD_AT..];
+            let r = socket::recvfrom::<SockaddrStorage>(fd, buf);
+            let (len, client) = match r {
+                Ok((len, Some(from))) => match sockaddr_to_std(&from) {
+                    Some(c) => (len, c),
+                    None => continue,
+                },
+                Ok((_, None)) => continue,
+                Err(Errno::EAGAIN) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    crate::limited!(
+                        self.log_limit,
+                        now,
+                        debug,
+                        "udp: forwarded port {host_port}: {e}"
+                    );
+                    return;
+                }
+            };
+            let client = SocketAddr::new(crate::fwd::unmap(client.ip()), client.port());
+            let Some(src) = self.fwd_nat.host_to_guest_src(client.ip()) else {
+                self.stats.dropped += 1;
+                continue;
+            };
+            let Some(dst) = self.fwd_nat.guest_addr(src) else {
+                self.stats.dropped += 1;
+                continue;
+            };
+            let key = Key {
+                guest: SocketAddr::new(dst, guest_port),
+                remote: SocketAddr::new(src, client.port()),
+            };
+            let idx = match self.by_key.get(&key) {
+                Some(&idx) => idx,
+                None => match self.open_socket(key, client, host_port, now, reg) {
+                    Some(idx) => idx,
+                    None => {
+                        self.stats.dropped += 1;
+                        continue;
+                    }
+                },
+            };
+            if let Some(f) = self.flows.get_mut(idx.0 as usize).and_then(Option::as_mut) {
+                f.last_used = now;
+            }
+            self.deliver(key, len, macs, to_guest);
+        }
+    }
+
+    /// Sends the datagram of `len` bytes at `self.buf[PAYLOAD_AT..]` to the guest, from
+    /// `key.remote` to `key.guest`.
+    fn deliver(
+        &mut self,
+        key: Key,
+        len: usize,
+        macs: ([u8; 6], [u8; 6]),
+        to_guest: &mut dyn ToGuest,
+    ) {
+        let max = if key.remote.is_ipv6() {
+            MAX_PAYLOAD_V6
+        } else {
+            MAX_PAYLOAD_V4
+        };
+        if len > max {
+            self.stats.too_big += 1;
+            return;
+        }
+        let start = PAYLOAD_AT - UDP_HLEN - wire::l3_header_len(key.remote.is_ipv6());
+        let frame = &mut self.buf[start..PAYLOAD_AT + len];
+        if emit_udp(frame, macs.0, macs.1, key.remote, key.guest).is_none() {
+            return;
+        }
+        if to_guest.send(&[frame]) {
+            self.stats.to_guest += 1;
+        } else {
+            self.stats.guest_drops += 1;
+        }
     }
 
     /// A flow's socket is readable, or (`err`) has an error pending: relay datagrams and
@@ -405,6 +552,7 @@ impl Udp {
             return;
         };
         let key = flow.key;
+        let host_peer = flow.host_peer;
         let fd = flow.sock.as_raw_fd();
         let max = match key.remote {
             SocketAddr::V4(_) => MAX_PAYLOAD_V4,
@@ -415,7 +563,7 @@ impl Udp {
         let mut got_any = false;
         for _ in 0..RECV_BUDGET {
             if errors_pending {
-                self.relay_errors(fd, key, now, guest_mac, our_mac, to_guest);
+                self.relay_errors(fd, key, host_peer, now, guest_mac, our_mac, to_guest);
                 errors_pending = false;
             }
             let mut next: libc::c_int = 0;
@@ -477,7 +625,7 @@ impl Udp {
             }
         }
         if errors_pending {
-            self.relay_errors(fd, key, now, guest_mac, our_mac, to_guest);
+            self.relay_errors(fd, key, host_peer, now, guest_mac, our_mac, to_guest);
         }
     }
 
@@ -525,10 +673,12 @@ impl Udp {
     }
 
     /// Reads the socket's error queue and turns each ICMP error into one for the guest.
+    #[allow(clippy::too_many_arguments)]
     fn relay_errors(
         &mut self,
         fd: RawFd,
         key: Key,
+        host_peer: SocketAddr,
         now: Instant,
         guest_mac: [u8; 6],
         our_mac: [u8; 6],
@@ -544,7 +694,7 @@ impl Udp {
             };
             let from = match ee.offender {
                 Some(o) if o.is_ipv6() == v6 && wire::is_unicast(o) && !o.is_loopback() => {
-                    if Some(o) == self.target(key.remote).map(|t| t.ip()) {
+                    if o == host_peer.ip() {
                         key.remote.ip()
                     } else {
                         o
@@ -631,7 +781,6 @@ fn check_udp(src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<&[u8], Reject> {
     }
 }
 
-#[cfg(test)]
 /// Writes Ethernet, IP and UDP headers in front of the payload that ends `frame`, from
 /// `from` to `to`, UDP checksum included. `frame` starts at the Ethernet header.
 fn emit_udp(
@@ -1017,6 +1166,14 @@ fn emit_icmp_error(
     Some(icmp_at + icmp_len - start)
 }
 
+fn sockaddr_to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::new(v4.ip(), v4.port())));
+    }
+    a.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::new(v6.ip(), v6.port(), 0, 0)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1055,6 +1212,13 @@ mod tests {
                 dns_host4: Some(Ipv4Addr::new(127, 0, 0, 53)),
                 dns_match6: None,
                 dns_host6: None,
+                ..Nat::default()
+            },
+            fwd_nat: crate::fwd::Nat {
+                guest4: Some(GUEST4),
+                map_host_loopback4: Some(GW4),
+                map_host_loopback6: Some("fe80::1".parse().unwrap()),
+                ..crate::fwd::Nat::default()
             },
         }
     }
@@ -1120,10 +1284,17 @@ mod tests {
         assert_eq!(t("[fe80::2]:7"), None);
         assert_eq!(t("[::1]:7"), None);
         let mut c = cfg();
-        c.nat.map_host_loopback4 = None;
+        c.fwd_nat.map_host_loopback4 = None;
+        c.fwd_nat.map_guest_addr4 = Some(Ipv4Addr::new(192, 0, 2, 99));
+        let u = Udp::new(c);
         assert_eq!(
-            Udp::new(c).target("192.0.2.1:5000".parse().unwrap()),
+            u.target("192.0.2.1:5000".parse().unwrap()),
             Some("192.0.2.1:5000".parse().unwrap())
+        );
+        // --map-guest-addr: the address stands for the guest's own address on the host.
+        assert_eq!(
+            u.target("192.0.2.99:80".parse().unwrap()),
+            Some(SocketAddr::new(GUEST4.into(), 80))
         );
     }
 

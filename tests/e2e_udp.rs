@@ -1,7 +1,8 @@
 //! UDP end to end: a real guest kernel (TCG) on passt-rs, in both modes, resolves a name
-//! through `--dns-forward` (a DNS server in the peer namespace answers), and exchanges
-//! 10 000 numbered datagrams with an echo server in the peer namespace over IPv4 and IPv6,
-//! paced by the echoes; losses are counted and must be zero.
+//! through `--dns-forward` (a DNS server in the peer namespace answers), exchanges 10 000
+//! numbered datagrams with an echo server in the peer namespace over IPv4 and IPv6, and
+//! serves 10 000 more to clients on the host and in the peer through a forwarded port
+//! (`-u`), paced by the echoes; losses are counted and must be zero.
 
 mod common;
 
@@ -66,7 +67,11 @@ fn dns_and_datagrams(mode: Mode) {
     let echo4 = peer_gtool(&topo, &["udp-echo", &format!("{REMOTE_V4}:7777")]);
     let echo6 = peer_gtool(&topo, &["udp-echo", &format!("[{REMOTE_V6}]:7777")]);
 
-    let (passt, mut guest) = common::passt_and_guest(&topo, mode, &["--dns-forward", DNS_FORWARD]);
+    let (passt, mut guest) = common::passt_and_guest(
+        &topo,
+        mode,
+        &["--dns-forward", DNS_FORWARD, "-u", "5353:53"],
+    );
     let out = guest.run_ok("udhcpc -i eth0 -n -q -f 2>&1");
     assert!(out.contains(&format!("ip={HOST_V4}")), "udhcpc: {out}");
     let resolv = guest.run_ok("cat /etc/resolv.conf");
@@ -89,6 +94,29 @@ fn dns_and_datagrams(mode: Mode) {
             out.contains(&format!("sent={DATAGRAMS} received={DATAGRAMS} lost=0")),
             "{mode:?} {dst}: {out}\n{}",
             passt.log()
+        );
+    }
+
+    // The other way: clients on the host and in the peer reach an echo server in the guest
+    // through the forwarded port (-u 5353:53), numbered datagrams counted the same way.
+    guest.run_ok("gtool udp-echo 53 >/tmp/echo.log 2>&1 &");
+    guest.run_ok("i=0; while [ $i -lt 100 ] && ! grep -q listening /tmp/echo.log; do i=$((i+1)); sleep 0.1; done; cat /tmp/echo.log");
+    let exchange = format!("{} udp-exchange", gtool().display());
+    for (side, dst) in [
+        ("host", "127.0.0.1:5353".to_string()),
+        ("host", "[::1]:5353".to_string()),
+        ("peer", format!("{HOST_V4}:5353")),
+    ] {
+        let cmd = format!("{exchange} {dst} {DATAGRAMS} 200 64");
+        let out = if side == "host" {
+            topo.host_ok(&cmd)
+        } else {
+            topo.peer_ok(&cmd)
+        };
+        eprintln!("{mode:?} {side} -> guest via {dst}: {}", out.trim());
+        assert!(
+            out.contains(&format!("sent={DATAGRAMS} received={DATAGRAMS} lost=0")),
+            "{mode:?} {side} -> {dst}: {out}"
         );
     }
     assert!(passt.running(), "passt exited:\n{}", passt.log());

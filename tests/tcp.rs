@@ -750,6 +750,26 @@ fn gateway_address_reaches_host_loopback() {
     }
 }
 
+/// `--map-guest-addr`: the given address stands for the host's address the guest was
+/// given (its own, which shadows the host's), so the guest reaches a server bound there.
+#[test]
+fn mapped_guest_address_reaches_the_hosts_own_address() {
+    let topo = Topology::new();
+    let mapped = std::net::Ipv4Addr::new(192, 0, 2, 99);
+    let (passt, mut c) = start_with(&topo, &["--map-guest-addr", &mapped.to_string()]);
+    let _s = socat_listener_host(
+        &topo,
+        &format!("TCP4-LISTEN:5030,bind={},reuseaddr,fork", netns::HOST_V4),
+    );
+    let data = pattern(16 * 1024, 3);
+    let mut g = Guest::connect(&mut c, netns::HOST_V4.into(), mapped.into(), 46100, 5030)
+        .unwrap_or_else(|s| panic!("connect to {mapped}: {s:?}\n{}", passt.log()));
+    g.send_all(&data);
+    g.send_fin();
+    g.recv_until_fin(true);
+    assert!(g.rx == data, "echo through {mapped}: {} bytes", g.rx.len());
+}
+
 /// `-t all`: ports nobody uses are forwarded, a port already in use is skipped.
 #[test]
 fn all_forwards_free_ports_and_skips_used_ones() {

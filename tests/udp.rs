@@ -452,3 +452,79 @@ fn ten_thousand_datagrams_each_way_without_loss() {
         "datagrams lost (guest to peer, peer to guest)"
     );
 }
+
+/// `-u 5353:53`: datagrams to the forwarded host port reach the guest's port 53 from the
+/// client as the guest sees it (host loopback and the host's own address appear as the
+/// gateway, other clients as themselves), and the guest's answers reach the client from
+/// the forwarded port.
+#[test]
+fn forwarded_port_reaches_the_guest_and_answers_return() {
+    let topo = Topology::new();
+    let (_passt, mut c) = start(&topo, &["-u", "5353:53"]);
+    // Datagrams that arrive while no guest is attached have nowhere to go: wait for the
+    // router advertisement passt sends when it takes the guest's connection.
+    c.expect(T, "router advertisement", |f| {
+        (f.len() > 54 && f[12..14] == [0x86, 0xdd] && f[20] == 58 && f[54] == 134).then_some(())
+    });
+    let gtool = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/gtool/release/gtool");
+    for (side, dst, from, seen_from) in [
+        (
+            Side::Host,
+            sa(Ipv4Addr::LOCALHOST, 5353),
+            None,
+            IpAddr::V4(netns::PEER_V4),
+        ),
+        (
+            Side::Host,
+            sa(Ipv6Addr::LOCALHOST, 5353),
+            None,
+            IpAddr::V6(GW6),
+        ),
+        (
+            Side::Host,
+            sa(GUEST4, 5353),
+            None,
+            IpAddr::V4(netns::PEER_V4),
+        ),
+        (
+            Side::Peer,
+            sa(GUEST4, 5353),
+            Some(IpAddr::V4(REMOTE4)),
+            IpAddr::V4(REMOTE4),
+        ),
+        (
+            Side::Peer,
+            sa(GUEST6, 5353),
+            Some(IpAddr::V6(REMOTE6)),
+            IpAddr::V6(REMOTE6),
+        ),
+    ] {
+        let mut cmd = Command::new(&gtool);
+        cmd.args(["udp-ask", &dst.to_string(), "question"]);
+        if let Some(f) = from {
+            cmd.arg(f.to_string());
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let client = match side {
+            Side::Host => topo.spawn_host(cmd),
+            Side::Peer => topo.spawn_peer(cmd),
+        };
+        let q = expect_udp(&mut c, &format!("datagram forwarded from {dst}"));
+        assert_eq!(q.payload, b"question");
+        assert_eq!(q.src.ip(), seen_from, "source as the guest sees it ({dst})");
+        let guest = if dst.is_ipv6() {
+            IpAddr::V6(GUEST6)
+        } else {
+            IpAddr::V4(GUEST4)
+        };
+        assert_eq!(q.dst, sa(guest, 53));
+        c.send(&udp_frame(q.dst, q.src, b"answer", false));
+        let out = client.wait_with_output().expect("client");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(&format!("from={dst} reply=answer")),
+            "{dst}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

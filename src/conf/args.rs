@@ -124,6 +124,17 @@ pub struct Args {
     #[arg(long = "map-host-loopback", value_name = "ADDR")]
     pub map_host_loopback: Vec<String>,
 
+    /// Guest-visible address that stands for the guest's own address on the host (which the
+    /// guest's address otherwise shadows): traffic to it goes to the host's address the
+    /// guest was given ("none": no mapping) [default: none]
+    #[arg(long = "map-guest-addr", value_name = "ADDR")]
+    pub map_guest_addr: Vec<String>,
+
+    /// Most flows per protocol (TCP connections) at once; new ones beyond are refused
+    /// [default: 131072]
+    #[arg(long = "max-flows", value_name = "N")]
+    pub max_flows: Option<usize>,
+
     /// Don't map the gateway address to the host's loopback (as --map-host-loopback none)
     #[arg(long = "no-map-gw")]
     pub no_map_gw: bool,

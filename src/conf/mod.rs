@@ -160,6 +160,8 @@ pub struct Config {
     // --- passt-rs TCP forwarding slice (tcp2) ---
     /// The `-t` specs, parsed.
     pub tcp_fwd: crate::fwd::spec::PortFwd,
+    /// Parsed `-u` specs (the `-t` ones when no `-u` is given).
+    pub udp_fwd: crate::fwd::spec::PortFwd,
     // --- end TCP forwarding ---
     /// `-u` specs, parsed by the port forwarding module.
     pub udp_ports: Vec<String>,
@@ -167,6 +169,8 @@ pub struct Config {
     pub nat: Nat,
     /// Idle time after which a UDP flow is closed (`--udp-timeout`).
     pub udp_timeout: Duration,
+    /// Capacity of each protocol's flow table (`--max-flows`).
+    pub max_flows: usize,
     /// Notes for the log about choices made (families turned off, resolvers skipped).
     pub notes: Vec<String>,
 }
@@ -183,10 +187,14 @@ pub const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(180);
 ///   `dns_host` port 53 (`--dns-forward`, `--dns-host`). Without `--dns-forward`, a
 ///   loopback resolver in resolv.conf sets `dns_match` to the host-loopback address and
 ///   `dns_host` to itself, so it is advertised as that address, never as 127.0.0.x.
+/// - `map_guest_addr*`: traffic from the guest to this address goes to the host's address
+///   the guest was given (`--map-guest-addr`, default none).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Nat {
     pub map_host_loopback4: Option<Ipv4Addr>,
     pub map_host_loopback6: Option<Ipv6Addr>,
+    pub map_guest_addr4: Option<Ipv4Addr>,
+    pub map_guest_addr6: Option<Ipv6Addr>,
     pub dns_match4: Option<Ipv4Addr>,
     pub dns_host4: Option<Ipv4Addr>,
     pub dns_match6: Option<Ipv6Addr>,
@@ -407,17 +415,34 @@ impl Config {
             ip6.as_mut(),
             &mut notes,
         )?;
+        let max_flows = args.max_flows.unwrap_or(crate::flow::DEFAULT_CAPACITY);
+        if !(1..=crate::flow::MAX_CAPACITY).contains(&max_flows) {
+            return Err(bad(
+                "--max-flows",
+                format!(
+                    "{max_flows} is out of range: 1 to {}",
+                    crate::flow::MAX_CAPACITY
+                ),
+            ));
+        }
         let udp_timeout = match args.udp_timeout {
             None => DEFAULT_UDP_TIMEOUT,
             Some(0) => return Err(bad("--udp-timeout", "must be at least 1 second")),
             Some(s) => Duration::from_secs(s),
         };
 
-        // --- passt-rs TCP forwarding slice (tcp2) ---
         let (tcp_fwd, fwd_notes) = crate::fwd::spec::PortFwd::parse_all(&args.tcp_ports)
             .map_err(|e| bad("--tcp-ports", e.to_string()))?;
         notes.extend(fwd_notes);
-        // --- end TCP forwarding ---
+        // As upstream passt: without -u, UDP forwards the ports -t forwards.
+        let udp_specs = if args.udp_ports.is_empty() {
+            &args.tcp_ports
+        } else {
+            &args.udp_ports
+        };
+        let (udp_fwd, fwd_notes) = crate::fwd::spec::PortFwd::parse_all(udp_specs)
+            .map_err(|e| bad("--udp-ports", e.to_string()))?;
+        notes.extend(fwd_notes);
 
         let mode = if args.vhost_user {
             Mode::VhostUser
@@ -455,9 +480,11 @@ impl Config {
             outbound_if6: args.outbound_if6.clone(),
             tcp_ports: args.tcp_ports.clone(),
             tcp_fwd,
+            udp_fwd,
             udp_ports: args.udp_ports.clone(),
             nat,
             udp_timeout,
+            max_flows,
             notes,
         })
     }
@@ -497,6 +524,25 @@ fn nat_and_dns(
                     nat.map_host_loopback6 = Some(a)
                 }
                 _ => return Err(bad("--map-host-loopback", format!("invalid address '{m}'"))),
+            },
+        }
+    }
+    for m in &args.map_guest_addr {
+        match m.as_str() {
+            "none" => {
+                nat.map_guest_addr4 = None;
+                nat.map_guest_addr6 = None;
+            }
+            _ => match m.parse::<IpAddr>() {
+                Ok(IpAddr::V4(a)) if wire_unicast4(a) && !a.is_loopback() => {
+                    nat.map_guest_addr4 = Some(a)
+                }
+                Ok(IpAddr::V6(a))
+                    if !a.is_multicast() && !a.is_unspecified() && !a.is_loopback() =>
+                {
+                    nat.map_guest_addr6 = Some(a)
+                }
+                _ => return Err(bad("--map-guest-addr", format!("invalid address '{m}'"))),
             },
         }
     }
@@ -970,6 +1016,8 @@ mod tests {
             (&["-S", "bad..name"], "--search"),
             (&["--fd=-3"], "--fd"),
             (&["-o", "nope"], "--outbound"),
+            (&["--max-flows", "0"], "--max-flows"),
+            (&["--map-guest-addr", "127.0.0.1"], "--map-guest-addr"),
             (&["-t", "22-21"], "--tcp-ports"),
             (&["-t", "none", "-t", "22"], "--tcp-ports"),
             (&["-t", "1.2.3.4.5/22"], "--tcp-ports"),

@@ -36,12 +36,21 @@ pub struct Nat {
     /// SLAAC guest makes its own IPv6 address. Inbound connections go there.
     pub seen4: Option<Ipv4Addr>,
     pub seen6: Option<Ipv6Addr>,
+    /// The guest's link-local address, once seen: where traffic from a link-local source
+    /// (the mapped host loopback, by default) goes, so the guest answers from the same
+    /// scope. A server on a wildcard socket picks its source address by the route to the
+    /// client, which for a link-local client is its link-local address.
+    pub seen_ll6: Option<Ipv6Addr>,
     /// The gateway as the guest knows it (IPv6: our link-local router address).
     pub gw4: Option<Ipv4Addr>,
     pub gw6: Option<Ipv6Addr>,
     /// Guest-visible addresses standing for the host's loopback (`--map-host-loopback`).
     pub map_host_loopback4: Option<Ipv4Addr>,
     pub map_host_loopback6: Option<Ipv6Addr>,
+    /// Guest-visible addresses standing for the guest's own address on the host
+    /// (`--map-guest-addr`).
+    pub map_guest_addr4: Option<Ipv4Addr>,
+    pub map_guest_addr6: Option<Ipv6Addr>,
 }
 
 impl Nat {
@@ -51,6 +60,8 @@ impl Nat {
         Nat {
             map_host_loopback4: cfg.nat.map_host_loopback4,
             map_host_loopback6: cfg.nat.map_host_loopback6,
+            map_guest_addr4: cfg.nat.map_guest_addr4,
+            map_guest_addr6: cfg.nat.map_guest_addr6,
             ..Nat::from_net(&cfg.net)
         }
     }
@@ -67,8 +78,11 @@ impl Nat {
             gw6,
             map_host_loopback4: gw4,
             map_host_loopback6: gw6,
+            map_guest_addr4: None,
+            map_guest_addr6: None,
             seen4: None,
             seen6: None,
+            seen_ll6: None,
         }
     }
 
@@ -81,6 +95,14 @@ impl Nat {
             IpAddr::V6(a) if Some(a) == self.map_host_loopback6 => {
                 SocketAddr::new(Ipv6Addr::LOCALHOST.into(), dst.port())
             }
+            IpAddr::V4(a) if Some(a) == self.map_guest_addr4 => match self.guest4 {
+                Some(g) => SocketAddr::new(g.into(), dst.port()),
+                None => dst,
+            },
+            IpAddr::V6(a) if Some(a) == self.map_guest_addr6 => match self.guest6 {
+                Some(g) => SocketAddr::new(g.into(), dst.port()),
+                None => dst,
+            },
             _ => dst,
         }
     }
@@ -121,6 +143,9 @@ impl Nat {
     pub fn guest_addr(&self, src: IpAddr) -> Option<IpAddr> {
         match src {
             IpAddr::V4(_) => self.guest4.map(|g| IpAddr::V4(self.seen4.unwrap_or(g))),
+            IpAddr::V6(s) if crate::conf::is_link_local6(s) && self.seen_ll6.is_some() => {
+                self.guest6.and(self.seen_ll6).map(IpAddr::V6)
+            }
             IpAddr::V6(_) => self.guest6.map(|g| IpAddr::V6(self.seen6.unwrap_or(g))),
         }
     }
@@ -136,7 +161,11 @@ impl Nat {
                 let old = self.seen4.replace(v4);
                 old != Some(v4)
             }
-            IpAddr::V6(v6) if self.guest6.is_some() && !crate::conf::is_link_local6(v6) => {
+            IpAddr::V6(v6) if self.guest6.is_some() && crate::conf::is_link_local6(v6) => {
+                self.seen_ll6.replace(v6);
+                false
+            }
+            IpAddr::V6(v6) if self.guest6.is_some() => {
                 let old = self.seen6.replace(v6);
                 old != Some(v6)
             }
@@ -337,22 +366,25 @@ fn raise_nofile() -> u64 {
     rl.rlim_cur
 }
 
-/// Opens the TCP listening sockets `fwd` asks for, for the families the guest has
-/// (`v4`, `v6`). `option` names the option in errors. Returns the listeners and notes
-/// for the log. A port of an explicit specification that can't be bound is an error; for
-/// `all` and excludes-only, it is skipped.
+/// Opens the sockets `fwd` asks for (`ty`: `SOCK_STREAM` listening, or `SOCK_DGRAM`), for
+/// the families the guest has (`v4`, `v6`). `option` names the option in errors. Returns
+/// the sockets and notes for the log. A port of an explicit specification that can't be
+/// bound is an error; for `all` and excludes-only, it is skipped. At most `budget` sockets
+/// are opened (what they take is deducted), so every protocol's forwards share one
+/// descriptor allowance.
 pub fn open_listeners(
     option: &'static str,
+    ty: libc::c_int,
     fwd: &PortFwd,
     v4: bool,
     v6: bool,
+    budget: &mut usize,
 ) -> Result<(Vec<Listener>, Vec<String>), FwdError> {
     let mut out = Vec::new();
     let mut notes = Vec::new();
     if fwd.is_empty() {
         return Ok((out, notes));
     }
-    let budget = raise_nofile().saturating_sub(FD_RESERVE) as usize;
     for g in &fwd.groups {
         let mut bound = 0usize;
         let mut skipped = 0usize;
@@ -367,7 +399,7 @@ pub fn open_listeners(
             let Some(guest_port) = fwd.guest_port(port) else {
                 continue;
             };
-            if out.len() >= budget {
+            if *budget == 0 {
                 notes.push(format!(
                     "{option} {}: file descriptor limit reached: ports from {port} on not forwarded",
                     g.spec
@@ -392,12 +424,12 @@ pub fn open_listeners(
                 None if v6 => (SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), v4),
                 None => (SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), false),
             };
-            let r = bind_socket(libc::SOCK_STREAM, addr, g.iface.as_deref(), dual)
+            let r = bind_socket(ty, addr, g.iface.as_deref(), dual)
                 .or_else(|e| {
                     // No IPv6 in this kernel: IPv4 alone.
                     if dual && e.raw_os_error() == Some(libc::EAFNOSUPPORT) {
                         bind_socket(
-                            libc::SOCK_STREAM,
+                            ty,
                             SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
                             g.iface.as_deref(),
                             false,
@@ -407,13 +439,16 @@ pub fn open_listeners(
                     }
                 })
                 .and_then(|fd| {
-                    // SAFETY: plain listen(2) on our socket.
-                    cvt(unsafe { libc::listen(fd.as_raw_fd(), LISTEN_BACKLOG) })?;
+                    if ty == libc::SOCK_STREAM {
+                        // SAFETY: plain listen(2) on our socket.
+                        cvt(unsafe { libc::listen(fd.as_raw_fd(), LISTEN_BACKLOG) })?;
+                    }
                     Ok(fd)
                 });
             match r {
                 Ok(fd) => {
                     bound += 1;
+                    *budget -= 1;
                     out.push(Listener {
                         fd,
                         host_port: port,
@@ -429,7 +464,8 @@ pub fn open_listeners(
                 Err(e) => return Err(fail(port, "bind", e)),
             }
         }
-        if bound == 0 {
+        // Out of descriptors before the first port is no binding failure: the note says it.
+        if bound == 0 && *budget > 0 {
             return Err(fail(
                 0,
                 "forward",
@@ -451,6 +487,8 @@ pub fn open_listeners(
 #[derive(Debug, Default)]
 pub struct Bound {
     pub tcp: Vec<Listener>,
+    /// Bound datagram sockets of forwarded UDP ports.
+    pub udp: Vec<Listener>,
 }
 
 impl Bound {
@@ -459,9 +497,21 @@ impl Bound {
         let (v4, v6) = (cfg.net.ip4.is_some(), cfg.net.ip6.is_some());
         let mut bound = Bound::default();
         let mut notes = Vec::new();
+        let mut budget = if cfg.tcp_fwd.is_empty() && cfg.udp_fwd.is_empty() {
+            0
+        } else {
+            raise_nofile().saturating_sub(FD_RESERVE) as usize
+        };
         if cfg.tcp {
-            let (tcp, n) = open_listeners("-t", &cfg.tcp_fwd, v4, v6)?;
+            let (tcp, n) =
+                open_listeners("-t", libc::SOCK_STREAM, &cfg.tcp_fwd, v4, v6, &mut budget)?;
             bound.tcp = tcp;
+            notes.extend(n);
+        }
+        if cfg.udp {
+            let (udp, n) =
+                open_listeners("-u", libc::SOCK_DGRAM, &cfg.udp_fwd, v4, v6, &mut budget)?;
+            bound.udp = udp;
             notes.extend(n);
         }
         Ok((bound, notes))
@@ -593,6 +643,16 @@ mod tests {
             "link-local"
         );
         assert!(!slaac.guest_addr_seen(ip("::")));
+        // Link-local sources reach the guest's link-local address, once known (the
+        // configured global address before: see `n` above).
+        assert_eq!(
+            slaac.guest_addr(ip("fe80::1")),
+            Some(ip("fe80::5054:ff:fe12:3456"))
+        );
+        assert_eq!(
+            slaac.guest_addr(ip("2001:db8:ffff::1")),
+            Some(ip("2001:db8::5054:ff:fe12:3456"))
+        );
         assert_eq!(
             slaac.guest_addr(ip("::1")),
             Some(ip("2001:db8::5054:ff:fe12:3456"))
@@ -635,12 +695,13 @@ mod tests {
             .port();
         let spec = format!("127.0.0.1/{port}");
         let (fwd, _) = PortFwd::parse_all(&[spec.as_str()]).unwrap();
-        let (ls, _) = open_listeners("-t", &fwd, true, false).expect("bind");
+        let (ls, _) =
+            open_listeners("-t", libc::SOCK_STREAM, &fwd, true, false, &mut 1000).expect("bind");
         assert_eq!(
             (ls.len(), ls[0].host_port, ls[0].guest_port),
             (1, port, port)
         );
-        let e = open_listeners("-t", &fwd, true, false).unwrap_err();
+        let e = open_listeners("-t", libc::SOCK_STREAM, &fwd, true, false, &mut 1000).unwrap_err();
         assert_eq!(e.source.raw_os_error(), Some(libc::EADDRINUSE));
         assert!(e.to_string().contains(&format!("-t {spec}")), "{e}");
         assert!(accept(ls[0].fd.as_raw_fd()).unwrap().is_none());
@@ -650,6 +711,6 @@ mod tests {
         // The guest has no IPv6: an IPv6 bind address is refused.
         let (fwd6, _) = PortFwd::parse_all(&["::1/61235"]).unwrap();
         // (refused before any bind is tried)
-        assert!(open_listeners("-t", &fwd6, true, false).is_err());
+        assert!(open_listeners("-t", libc::SOCK_STREAM, &fwd6, true, false, &mut 1000).is_err());
     }
 }

@@ -142,6 +142,8 @@ pub struct Conn {
     pub events: u16,
     /// Our initial sequence number (the SYN-ACK's).
     isn: u32,
+    /// The window in the last segment we sent (set from `&self` emitters, hence a Cell).
+    wnd_to_tap_sent: std::cell::Cell<u16>,
     seq_to_tap: u32,
     /// Highest sequence number sent so far (before any rewind).
     seq_max_to_tap: u32,
@@ -176,6 +178,7 @@ impl Conn {
             ends,
             events: 0,
             isn,
+            wnd_to_tap_sent: std::cell::Cell::new(0),
             seq_to_tap: isn,
             seq_max_to_tap: isn,
             seq_ack_from_tap: isn,
@@ -206,6 +209,7 @@ impl Conn {
             ends,
             events: ev::SOCK_CONNECTED | ev::INBOUND,
             isn,
+            wnd_to_tap_sent: std::cell::Cell::new(0),
             seq_to_tap: isn,
             seq_max_to_tap: isn,
             seq_ack_from_tap: isn,
@@ -653,6 +657,7 @@ impl Conn {
             match res {
                 SendWith::Sent(n) => {
                     sent_any = true;
+                    self.wnd_to_tap_sent.set(wnd);
                     self.last_activity = now;
                     self.seq_to_tap = self.seq_to_tap.wrapping_add(n as u32);
                     if seq_diff(self.seq_to_tap, self.seq_max_to_tap) > 0 {
@@ -733,10 +738,20 @@ impl Conn {
                 }
             }
         }
-        if self.has(ev::WND_CLAMPED) && self.has(ev::ESTABLISHED) {
-            self.send_ack(out, sock);
+        if self.waits_for_window() {
+            // Only a change is news to the guest.
+            let (seq, ack) = (self.seq_to_tap, self.seq_from_tap);
+            let wnd = self.window_to_tap(sock);
+            if wnd != self.wnd_to_tap_sent.get() {
+                self.emit(out, seq, ack, flag::ACK, wnd, &[], &[]);
+            }
         }
         Verdict::Keep
+    }
+
+    /// Whether the guest sees a clamped window we should reopen as the socket drains.
+    pub fn waits_for_window(&self) -> bool {
+        self.has(ev::WND_CLAMPED) && self.has(ev::ESTABLISHED)
     }
 
     /// The window we show the guest: free space in the socket's send buffer, scaled.
@@ -776,6 +791,7 @@ impl Conn {
         opts: &[u8],
         payload: &[u8],
     ) -> bool {
+        self.wnd_to_tap_sent.set(wnd);
         emit_segment(
             out.to_guest,
             out.guest_mac,
@@ -804,6 +820,7 @@ fn emit_split(
     wnd: u16,
     range: std::ops::Range<usize>,
 ) -> bool {
+    conn.wnd_to_tap_sent.set(wnd);
     emit_segment(
         out.to_guest,
         out.guest_mac,

@@ -183,7 +183,14 @@ pub struct Tcp<S: Socket = HostSock> {
     isn_key: u64,
     /// Listening sockets of forwarded ports, indexed by their tokens.
     listeners: Vec<Listener>,
+    /// Some flow shows the guest a clamped window and waits to reopen it: the timer
+    /// should run at [`FAST_TIMER`], not the loop's slow tick (see [`Tcp::wants_fast_timer`]).
+    fast_timer: bool,
 }
+
+/// Timer interval while a flow waits to reopen the guest's window. Growing socket buffers
+/// raise no event we could wait for (no send failed, so no EPOLLOUT edge comes), so we look.
+pub const FAST_TIMER: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl<S: Socket> Tcp<S> {
     pub fn new(cfg: TcpConfig) -> Self {
@@ -208,6 +215,7 @@ impl<S: Socket> Tcp<S> {
             log_limit: Limiter::new(),
             isn_key,
             listeners: Vec::new(),
+            fast_timer: false,
         }
     }
 
@@ -606,6 +614,8 @@ impl<S: Socket> Tcp<S> {
 
     /// Timers of every flow: call periodically.
     pub fn timer(&mut self, now: Instant, macs: Macs, to_guest: &mut dyn ToGuest) {
+        // Set again by `finish` for every flow that still waits.
+        self.fast_timer = false;
         for i in 0..self.table.high_water() {
             let idx = FlowIdx(i);
             let Tcp { table, buf, .. } = self;
@@ -623,9 +633,22 @@ impl<S: Socket> Tcp<S> {
         }
     }
 
+    /// Whether the timer should run every [`FAST_TIMER`] for now.
+    pub fn wants_fast_timer(&self) -> bool {
+        self.fast_timer
+    }
+
     fn finish(&mut self, idx: FlowIdx, v: Verdict) {
         match v {
-            Verdict::Keep => {}
+            Verdict::Keep => {
+                if self
+                    .table
+                    .get(idx)
+                    .is_some_and(|f| f.conn.waits_for_window())
+                {
+                    self.fast_timer = true;
+                }
+            }
             Verdict::Close => {
                 if let Some(f) = self.table.remove(idx) {
                     self.stats.closed += 1;

@@ -8,6 +8,7 @@
 //! nothing the guest hasn't acknowledged is lost, and retransmission is just a peek at a
 //! lower offset.
 
+use crate::fwd::to_sockaddr;
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
@@ -75,41 +76,6 @@ fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Resul
     Ok(v)
 }
 
-fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match a {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
-}
-
 impl HostSock {
     /// Opens a non-blocking socket to `remote`, bound to `bind_addr` and `bind_if` if
     /// given, and starts connecting. Connection refused and the like show up later, as the
@@ -148,12 +114,12 @@ impl HostSock {
             })?;
         }
         if let Some(a) = bind_addr {
-            let (ss, len) = sockaddr(SocketAddr::new(a, 0));
+            let (ss, len) = to_sockaddr(SocketAddr::new(a, 0));
             // SAFETY: ss holds a sockaddr of length len.
             cvt(unsafe { libc::bind(raw, (&ss as *const libc::sockaddr_storage).cast(), len) })?;
         }
         let peek_off = setsockopt_int(raw, libc::SOL_SOCKET, SO_PEEK_OFF, 0).is_ok();
-        let (ss, len) = sockaddr(remote);
+        let (ss, len) = to_sockaddr(remote);
         // SAFETY: ss holds a sockaddr of length len.
         let r = unsafe { libc::connect(raw, (&ss as *const libc::sockaddr_storage).cast(), len) };
         if r < 0 {

@@ -201,6 +201,13 @@ pub struct StreamClient {
     buf: Vec<u8>,
 }
 
+/// What reading the stream gave.
+enum Next {
+    Frame(Vec<u8>),
+    Timeout,
+    Closed,
+}
+
 impl StreamClient {
     pub fn connect(path: &Path) -> StreamClient {
         let sock =
@@ -220,9 +227,8 @@ impl StreamClient {
         self.sock.write_all(bytes).expect("write to passt");
     }
 
-    /// The next frame, or `None` on EOF; panics after `timeout`.
-    pub fn recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
+    /// The next whole frame before `deadline`, from what is buffered or read now.
+    fn next_frame(&mut self, deadline: Instant) -> Next {
         loop {
             if self.buf.len() >= 4 {
                 let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
@@ -230,20 +236,48 @@ impl StreamClient {
                 if self.buf.len() >= 4 + len {
                     let frame = self.buf[4..4 + len].to_vec();
                     self.buf.drain(..4 + len);
-                    return Some(frame);
+                    return Next::Frame(frame);
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no frame from passt within {timeout:?}");
+            if left.is_zero() {
+                return Next::Timeout;
+            }
             self.sock.set_read_timeout(Some(left)).unwrap();
             let mut chunk = [0u8; 65536];
             match self.sock.read(&mut chunk) {
-                Ok(0) => return None,
+                Ok(0) => return Next::Closed,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return Next::Closed,
                 Err(e) => panic!("read from passt: {e}"),
             }
+        }
+    }
+
+    /// The next frame, or `None` on EOF; panics after `timeout`.
+    pub fn recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        match self.next_frame(Instant::now() + timeout) {
+            Next::Frame(f) => Some(f),
+            Next::Closed => None,
+            Next::Timeout => panic!("no frame from passt within {timeout:?}"),
+        }
+    }
+
+    /// The next frame within `timeout`, `None` if none came (or the connection closed).
+    pub fn try_recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        match self.next_frame(Instant::now() + timeout) {
+            Next::Frame(f) => Some(f),
+            Next::Closed | Next::Timeout => None,
+        }
+    }
+
+    /// The next frame before `deadline`; `None` if none came by then. Panics on EOF.
+    pub fn recv_by(&mut self, deadline: Instant) -> Option<Vec<u8>> {
+        match self.next_frame(deadline) {
+            Next::Frame(f) => Some(f),
+            Next::Timeout => None,
+            Next::Closed => panic!("passt closed the connection"),
         }
     }
 
@@ -459,36 +493,6 @@ pub fn parse_tcp(frame: &[u8]) -> Option<TcpSeg> {
     })
 }
 
-impl StreamClient {
-    /// The next frame within `timeout`, `None` if none came (or the connection closed).
-    pub fn try_recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
-                    as usize;
-                if self.buf.len() >= 4 + len {
-                    let frame = self.buf[4..4 + len].to_vec();
-                    self.buf.drain(..4 + len);
-                    return Some(frame);
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.sock.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 65536];
-            match self.sock.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => return None,
-            }
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // UDP translation tests (tests/udp.rs): datagram frames by socket address, parsers of what
 // passt sends back, a receive that reports a timeout instead of panicking.
@@ -651,34 +655,5 @@ pub fn parse_icmp_error(frame: &[u8]) -> Option<SeenIcmpError> {
             })
         }
         _ => None,
-    }
-}
-
-impl StreamClient {
-    /// The next frame before `deadline`; `None` if none came by then. Panics on EOF.
-    pub fn recv_by(&mut self, deadline: Instant) -> Option<Vec<u8>> {
-        loop {
-            if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
-                    as usize;
-                if self.buf.len() >= 4 + len {
-                    let frame = self.buf[4..4 + len].to_vec();
-                    self.buf.drain(..4 + len);
-                    return Some(frame);
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.sock.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 65536];
-            match self.sock.read(&mut chunk) {
-                Ok(0) => panic!("passt closed the connection"),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) => panic!("read from passt: {e}"),
-            }
-        }
     }
 }

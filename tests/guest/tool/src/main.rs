@@ -6,7 +6,8 @@
 //! - `gtool udp-exchange ADDR:PORT COUNT SIZE WINDOW`: sends COUNT numbered datagrams of
 //!   SIZE bytes to an echo server, at most WINDOW unanswered at a time (paced by the echoes,
 //!   not by a clock), and prints `sent= received= lost=`.
-//! - `gtool udp-ask ADDR:PORT TEXT`: sends TEXT, prints the first reply as text.
+//! - `gtool udp-ask ADDR:PORT TEXT [SRC]`: sends TEXT (from address SRC), prints the first
+//!   reply as text.
 //! - `gtool udp-sink PORT COUNT`: receives numbered datagrams on PORT, answering each with
 //!   its number, until COUNT distinct ones came or 10 s pass without any; prints
 //!   `received= missing=`.
@@ -25,10 +26,11 @@ fn main() -> ExitCode {
         ["dhcpv6", iface] => dhcpv6(iface),
         ["udp-echo", port] => udp_echo(port),
         ["udp-exchange", dst, count, size, window] => udp_exchange(dst, count, size, window),
-        ["udp-ask", dst, text] => udp_ask(dst, text),
+        ["udp-ask", dst, text] => udp_ask(dst, text, None),
+        ["udp-ask", dst, text, from] => udp_ask(dst, text, Some(from)),
         ["udp-sink", port, count] => udp_sink(port, count),
         ["dns-server", bind, name, ip] => dns_server(bind, name, ip),
-        _ => Err("usage: gtool dhcpv6 IFACE | udp-echo PORT|ADDR:PORT | udp-exchange ADDR:PORT COUNT SIZE WINDOW | udp-ask ADDR:PORT TEXT | udp-sink PORT COUNT".into()),
+        _ => Err("usage: gtool dhcpv6 IFACE | udp-echo PORT|ADDR:PORT | udp-exchange ADDR:PORT COUNT SIZE WINDOW | udp-ask ADDR:PORT TEXT [SRC] | udp-sink PORT COUNT".into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -216,14 +218,13 @@ fn udp_exchange(dst: &str, count: &str, size: &str, window: &str) -> R {
     Ok(())
 }
 
-fn udp_ask(dst: &str, text: &str) -> R {
+fn udp_ask(dst: &str, text: &str, from: Option<&str>) -> R {
     let dst: SocketAddr = num(dst, "address")?;
-    let bind: SocketAddr = if dst.is_ipv6() {
-        "[::]:0".parse()
-    } else {
-        "0.0.0.0:0".parse()
-    }
-    .expect("literal");
+    let bind: SocketAddr = match from {
+        Some(f) => SocketAddr::new(num(f, "source address")?, 0),
+        None if dst.is_ipv6() => "[::]:0".parse().expect("literal"),
+        None => "0.0.0.0:0".parse().expect("literal"),
+    };
     let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;

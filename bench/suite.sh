@@ -1,0 +1,394 @@
+#!/usr/bin/env bash
+# The benchmark proper. Runs inside `unshare -Urnm` (started by bench/run.sh): this process's
+# network namespace is the "host" one, where back-ends run. It creates, inside the same user
+# namespace:
+#
+#   guest ns (one per back-end run)      host ns (this one)              peer ns
+#   tap0  <-- passt-bridge -->  back-end (passt-rs, passt, slirp4netns)
+#   kernel TCP/IP = the "guest"          veth0 192.0.2.2/24  <------>   veth1 192.0.2.1/24
+#                                        default via 192.0.2.1          lo 198.51.100.1/32
+#                                                                       iperf3 / passt-rr servers
+#
+# Namespaces are held by `sleep infinity` processes; every process started here is recorded
+# and killed by PID on exit, so the kernel frees the namespaces with them. Nothing touches the
+# machine's real interfaces: all of this lives in namespaces created above.
+#
+# Environment (set by run.sh): BIN (directory with passt, passt-bridge, passt-rr), RUN (scratch
+# directory), CSV (raw results file), LOG (progress log), SMOKE (1: ~1 s per case), REPS,
+# BACKENDS (space-separated), MTUS, PASST_COMPARE, PASST_COMPARE_VHOST.
+
+set -uo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+: "${BIN:?}" "${RUN:?}" "${CSV:?}"
+SMOKE=${SMOKE:-0}
+REPS=${REPS:-3}
+MTUS=${MTUS:-"65520 1500"}
+BACKENDS=${BACKENDS:-"rs-vhost rs-stream debian-passt slirp4netns compare"}
+REMOTE=198.51.100.1
+T0=$(date +%s)
+HZ=$(getconf CLK_TCK)
+
+if [ "$SMOKE" = 1 ]; then
+  DUR=1; UDUR=1; RRDUR=1; FLOWS="100"; PINGS=3
+else
+  DUR=${DUR:-4}; UDUR=${UDUR:-2}; RRDUR=${RRDUR:-2}; FLOWS=${FLOWS:-"1000 10000"}; PINGS=20
+fi
+
+PIDS=()
+HARNESS_ERRORS=0
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say() { printf '[%4ds] %s\n' $(( $(date +%s) - T0 )) "$*" >&2; }
+harness_error() { say "HARNESS ERROR: $*"; HARNESS_ERRORS=$((HARNESS_ERRORS + 1)); }
+# Raw result: backend,mtu,case,rep,value,unit,cpu_s,bytes
+record() { echo "$1,$2,$3,$4,$5,$6,${7:-},${8:-}" >> "$CSV"; }
+# Unsupported marker: value empty, unit is the reason.
+unsupported() { echo "$1,$2,$3,,,unsupported: ${4//,/;},," >> "$CSV"; }
+
+holder() { unshare -n sleep infinity </dev/null >/dev/null 2>&1 & HOLDER=$!; PIDS+=("$HOLDER"); }
+nsg() { nsenter -t "$GUEST" -n -- "$@"; }
+nsp() { nsenter -t "$PEER" -n -- "$@"; }
+cpu_ticks() { # utime+stime of $1 and its threads, in ticks; 0 if gone
+  local s; s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  s=${s##*) }; set -- $s; echo $(( ${12} + ${13} ))
+}
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+wait_for() { # seconds, command...: polls every 50 ms
+  local n=$(( $1 * 20 )); shift
+  while [ $n -gt 0 ]; do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; n=$((n - 1)); done
+  return 1
+}
+listening() { nsp ss -Hltn "sport = :$1" | grep -q .; }
+
+# --- The fixed part: peer namespace, veth, addresses -------------------------------------
+
+ulimit -n "$(ulimit -Hn)"
+holder; PEER=$HOLDER
+wait_for 5 test -e "/proc/$PEER/ns/net" || { harness_error "peer namespace"; exit 1; }
+sleep 0.1
+for ns in host peer; do
+  run=(); [ $ns = peer ] && run=(nsenter -t "$PEER" -n --)
+  "${run[@]}" sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 \
+    net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000" >/dev/null
+done
+ip link add veth0 type veth peer name veth1 netns "/proc/$PEER/ns/net" || { harness_error "veth"; exit 1; }
+nsp sh -ec "
+  ip link set lo up
+  ip addr add $REMOTE/32 dev lo
+  ip addr add 2001:db8:ffff::1/128 dev lo
+  ip link set veth1 up
+  ip addr add 192.0.2.1/24 dev veth1
+  ip addr add 2001:db8::1/64 dev veth1 nodad
+  ip addr add fe80::1/64 dev veth1 nodad" || { harness_error "peer addresses"; exit 1; }
+ip link set lo up
+ip link set veth0 up
+ip addr add 192.0.2.2/24 dev veth0
+ip addr add 2001:db8::2/64 dev veth0 nodad
+ip route add default via 192.0.2.1 dev veth0
+ip -6 route add default via fe80::1 dev veth0
+gid=$(awk '{print $1; exit}' /proc/self/gid_map)
+echo "$gid $gid" > /proc/sys/net/ipv4/ping_group_range
+printf 'nameserver 198.51.100.53\n' > "$RUN/resolv.conf"
+mount --bind "$RUN/resolv.conf" /etc/resolv.conf 2>/dev/null || true
+
+# Servers on the peer, for the whole run.
+nsenter -t "$PEER" -n -- "$BIN/passt-rr" server --listen 0.0.0.0:12865 2>>"$RUN/rr-server.log" & PIDS+=($!)
+wait_for 5 listening 12865 || { harness_error "passt-rr server did not start"; exit 1; }
+
+# --- Measurements ---------------------------------------------------------------------------
+
+# One iperf3 run. $1: where the client runs (guest|host), $2: server address, rest: iperf3
+# options. Prints "bits_per_second lost_percent bytes" or an error line starting with "ERR".
+iperf() {
+  local where=$1 addr=$2; shift 2
+  local srvns=(nsenter -t "$PEER" -n --)
+  [ "$addr" = 127.0.0.1 ] && srvns=()
+  "${srvns[@]}" iperf3 -s -1 -B "$addr" -p 5201 >/dev/null 2>&1 &
+  local srv=$!; PIDS+=("$srv")
+  if [ ${#srvns[@]} -eq 0 ]; then wait_for 5 sh -c 'ss -Hltn "sport = :5201" | grep -q .'
+  else wait_for 5 listening 5201; fi || { echo "ERR iperf3 server did not start"; return; }
+  local cli=()
+  [ "$where" = guest ] && cli=(nsenter -t "$GUEST" -n --)
+  "${cli[@]}" timeout $(( DUR + 15 )) iperf3 -c "$addr" -p 5201 --connect-timeout 3000 -J "$@" \
+    > "$RUN/iperf.json" 2>&1
+  kill "$srv" 2>/dev/null; wait "$srv" 2>/dev/null
+  python3 - "$RUN/iperf.json" <<'EOF'
+import json, sys
+try:
+    j = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("ERR no JSON from iperf3 (timed out?)"); sys.exit()
+if j.get("error"):
+    print("ERR " + j["error"].replace(",", ";")); sys.exit()
+e = j["end"]
+if "sum_received" in e:  # TCP
+    s = e["sum_received"]; print(s["bits_per_second"], 0, s["bytes"])
+else:                    # UDP: the receiver's view
+    s = e["sum"]; print(s["bits_per_second"], s.get("lost_percent", 0), s["bytes"])
+EOF
+}
+
+# TCP/UDP throughput cases. $1 label, $2 mtu, $3 where, $4 server address, $5 back-end PID or
+# empty. Sets TCP_OK=0 (and records "unsupported") when the first case cannot connect.
+throughput() {
+  local label=$1 mtu=$2 where=$3 addr=$4 bpid=$5
+  local dir streams rep out c0 c1 cpu name ulen
+  for dir in up down; do
+    for streams in 1 4; do
+      name="tcp_${dir}_P${streams}"
+      [ "$TCP_OK" = 1 ] || { unsupported "$label" "$mtu" "$name" "$TCP_WHY"; continue; }
+      for rep in $(seq 1 "$REPS"); do
+        local extra=(); [ $dir = down ] && extra=(-R)
+        c0=$(cpu_ticks "${bpid:-0}")
+        out=$(iperf "$where" "$addr" -t "$DUR" -P "$streams" "${extra[@]}")
+        c1=$(cpu_ticks "${bpid:-0}")
+        if [ "${out%% *}" = ERR ]; then
+          if [ "$rep" = 1 ] && [ "$streams" = 1 ] && [ "$dir" = up ]; then
+            TCP_OK=0; TCP_WHY="not supported by this back-end yet (${out#ERR })"
+            say "$label mtu $mtu: TCP $TCP_WHY"
+            unsupported "$label" "$mtu" "$name" "$TCP_WHY"
+            continue 2
+          fi
+          say "$label mtu $mtu $name rep $rep: ${out#ERR }"
+          record "$label" "$mtu" "$name" "$rep" "" "error: ${out#ERR }"
+          continue
+        fi
+        set -- $out
+        cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$HZ" 'BEGIN {printf "%.2f", (b - a) / hz}')
+        [ -n "$bpid" ] || cpu=""
+        record "$label" "$mtu" "$name" "$rep" "$(awk -v b="$1" 'BEGIN {printf "%.1f", b / 1e6}')" \
+          Mbit/s "$cpu" "$3"
+        say "$label mtu $mtu $name rep $rep: $(awk -v b="$1" 'BEGIN {printf "%.0f", b / 1e6}') Mbit/s${cpu:+, back-end CPU $cpu s}"
+      done
+    done
+  done
+  # UDP: iperf3's control connection is TCP, so this needs TCP too.
+  ulen=1400; [ "$mtu" -gt 9000 ] && ulen=32000
+  for dir in up down; do
+    name="udp_${dir}"
+    [ "$TCP_OK" = 1 ] || { unsupported "$label" "$mtu" "$name" "iperf3 needs TCP for its control connection"; continue; }
+    for rep in $(seq 1 "$REPS"); do
+      local extra=(); [ $dir = down ] && extra=(-R)
+      c0=$(cpu_ticks "${bpid:-0}")
+      out=$(DUR=$UDUR iperf "$where" "$addr" -u -b "${UDP_RATE:-1G}" -l "$ulen" -t "$UDUR" "${extra[@]}")
+      c1=$(cpu_ticks "${bpid:-0}")
+      if [ "${out%% *}" = ERR ]; then
+        say "$label mtu $mtu $name rep $rep: ${out#ERR }"
+        record "$label" "$mtu" "$name" "$rep" "" "error: ${out#ERR }"
+        continue
+      fi
+      set -- $out
+      cpu=""; [ -n "$bpid" ] && cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$HZ" 'BEGIN {printf "%.2f", (b - a) / hz}')
+      record "$label" "$mtu" "$name" "$rep" "$(awk -v b="$1" 'BEGIN {printf "%.1f", b / 1e6}')" Mbit/s "$cpu" "$3"
+      record "$label" "$mtu" "${name}_loss" "$rep" "$2" "%"
+      say "$label mtu $mtu $name rep $rep: $(awk -v b="$1" 'BEGIN {printf "%.0f", b / 1e6}') Mbit/s, loss $2 %"
+    done
+  done
+}
+
+# TCP_RR and TCP_CRR with passt-rr. $1 label, $2 mtu, $3 where.
+rr_cases() {
+  local label=$1 mtu=$2 where=$3 kind rep out cli=()
+  [ "$where" = guest ] && cli=(nsenter -t "$GUEST" -n --)
+  for kind in rr crr; do
+    [ "$TCP_OK" = 1 ] || { unsupported "$label" "$mtu" "tcp_$kind" "$TCP_WHY"; continue; }
+    for rep in $(seq 1 "$REPS"); do
+      out=$("${cli[@]}" timeout $(( RRDUR + 10 )) "$BIN/passt-rr" $kind --to "$REMOTE:12865" --seconds "$RRDUR" 2>&1)
+      local tps lat
+      tps=$(sed -n 's/.*trans_per_s=\([0-9.]*\).*/\1/p' <<<"$out")
+      lat=$(sed -n 's/.*mean_us=\([0-9.]*\).*/\1/p' <<<"$out")
+      if [ -z "$tps" ]; then
+        say "$label tcp_$kind rep $rep: ${out//$'\n'/ }"
+        record "$label" "$mtu" "tcp_$kind" "$rep" "" "error: ${out//[,$'\n']/ }"
+        continue
+      fi
+      record "$label" "$mtu" "tcp_$kind" "$rep" "$tps" trans/s
+      record "$label" "$mtu" "tcp_${kind}_lat" "$rep" "$lat" us
+      say "$label tcp_$kind rep $rep: $tps trans/s, mean $lat us"
+    done
+  done
+}
+
+# ICMP echo round trip. $1 label, $2 mtu, $3 where.
+ping_case() {
+  local label=$1 mtu=$2 where=$3 rep out avg cli=()
+  [ "$where" = guest ] && cli=(nsenter -t "$GUEST" -n --)
+  for rep in $(seq 1 "$REPS"); do
+    out=$("${cli[@]}" ping -n -q -c "$PINGS" -i 0.02 -W 2 "$REMOTE" 2>&1)
+    avg=$(sed -n 's#.*= [0-9.]*/\([0-9.]*\)/.*#\1#p' <<<"$out")
+    if [ -z "$avg" ]; then
+      record "$label" "$mtu" icmp_rtt "$rep" "" "error: ${out//[,$'\n']/ }"
+      say "$label icmp rep $rep: no reply"
+      continue
+    fi
+    record "$label" "$mtu" icmp_rtt "$rep" "$(awk -v a="$avg" 'BEGIN {printf "%.1f", a * 1000}')" us
+    say "$label icmp rep $rep: $avg ms"
+  done
+}
+
+# Idle flows: setup rate and back-end RSS while they are held. $1 label, $2 mtu, $3 back-end PID.
+scale_cases() {
+  local label=$1 mtu=$2 bpid=$3 n rss0 rss1 rate
+  for n in $FLOWS; do
+    [ "$TCP_OK" = 1 ] || { unsupported "$label" "$mtu" "flows_$n" "$TCP_WHY"; continue; }
+    rss0=$(rss_kib "$bpid")
+    : > "$RUN/flows.out"
+    nsenter -t "$GUEST" -n -- timeout 120 "$BIN/passt-rr" flows --to "$REMOTE:12865" --count "$n" --hold 1 --limit 60 \
+      > "$RUN/flows.out" 2>&1 &
+    local fp=$!; PIDS+=("$fp")
+    wait_for 90 grep -q '^held' "$RUN/flows.out"
+    rss1=$(rss_kib "$bpid")
+    wait "$fp"
+    rate=$(sed -n 's/.*setup_per_s=\([0-9.]*\).*/\1/p' "$RUN/flows.out")
+    if [ -z "$rate" ] || ! grep -q alive_after_hold=ok "$RUN/flows.out"; then
+      say "$label flows $n: $(tr '\n' ' ' < "$RUN/flows.out")"
+      record "$label" "$mtu" "flows_$n" 1 "" "error: $(tr ',\n' '  ' < "$RUN/flows.out")"
+      continue
+    fi
+    record "$label" "$mtu" "flows_${n}_setup" 1 "$rate" flows/s
+    record "$label" "$mtu" "flows_${n}_rss" 1 "$rss1" KiB
+    record "$label" "$mtu" "flows_${n}_rss_delta" 1 "$(( rss1 - rss0 ))" KiB
+    say "$label flows $n: $rate flows/s, back-end RSS $rss0 -> $rss1 KiB"
+  done
+}
+
+# --- Back-ends -----------------------------------------------------------------------------
+
+BACKEND_PID=""; BRIDGE_PID=""; GUEST=""
+detach() {
+  local p
+  for p in $BRIDGE_PID $BACKEND_PID $GUEST; do kill "$p" 2>/dev/null; done
+  for p in $BRIDGE_PID $BACKEND_PID $GUEST; do wait "$p" 2>/dev/null; done
+  BACKEND_PID=""; BRIDGE_PID=""; GUEST=""
+  rm -f "$RUN"/*.sock "$RUN/ready"
+}
+
+# Starts back-end $1 for MTU $2 with a fresh guest namespace; returns non-zero when it
+# cannot be attached (the reason is in ATTACH_WHY).
+attach() {
+  local be=$1 mtu=$2 sock="$RUN/be.sock" mode bin
+  ATTACH_WHY=""
+  holder; GUEST=$HOLDER
+  wait_for 5 test -e "/proc/$GUEST/ns/net"
+  sleep 0.05
+  nsg sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000" \
+    net.ipv6.conf.all.disable_ipv6=1 >/dev/null
+  nsg ip link set lo up
+  case $be in
+    rs-vhost) bin="$BIN/passt"; mode=vhost ;;
+    rs-stream) bin="$BIN/passt"; mode=stream ;;
+    debian-passt) bin=/usr/bin/passt; mode=stream ;;
+    compare) bin=$PASST_COMPARE; mode=stream; [ "${PASST_COMPARE_VHOST:-0}" = 1 ] && mode=vhost ;;
+    slirp4netns) mode=slirp ;;
+  esac
+  if [ $mode = slirp ]; then
+    slirp4netns --configure --mtu="$mtu" --disable-host-loopback "$GUEST" tap0 \
+      > "$RUN/$be.log" 2>&1 &
+    BACKEND_PID=$!; PIDS+=("$BACKEND_PID")
+    wait_for 10 sh -c "nsenter -t $GUEST -n -- ip -4 addr show dev tap0 | grep -q inet" ||
+      { ATTACH_WHY="slirp4netns did not configure tap0: $(tail -3 "$RUN/$be.log")"; return 1; }
+    return 0
+  fi
+  local vh=(); [ $mode = vhost ] && vh=(--vhost-user)
+  "$bin" -f -q -4 -s "$sock" -m "$mtu" "${vh[@]}" > "$RUN/$be.log" 2>&1 &
+  BACKEND_PID=$!; PIDS+=("$BACKEND_PID")
+  wait_for 10 test -S "$sock" || { ATTACH_WHY="no socket from $bin: $(tail -3 "$RUN/$be.log")"; return 1; }
+  local bm=(--stream "$sock"); [ $mode = vhost ] && bm=(--vhost-user "$sock")
+  nsenter -t "$GUEST" -n -- "$BIN/passt-bridge" --tap tap0 "${bm[@]}" --ready "$RUN/ready" > "$RUN/$be-bridge.log" 2>&1 &
+  BRIDGE_PID=$!; PIDS+=("$BRIDGE_PID")
+  wait_for 10 test -e "$RUN/ready" || { ATTACH_WHY="bridge did not attach: $(tail -3 "$RUN/$be-bridge.log")"; return 1; }
+  nsg ip link set tap0 mtu "$mtu" up || { ATTACH_WHY="tap0 mtu $mtu"; return 1; }
+  nsg busybox udhcpc -i tap0 -s "$HERE/udhcpc.script" -f -q -n -t 5 -T 1 > "$RUN/$be-dhcp.log" 2>&1 ||
+    { ATTACH_WHY="DHCP failed: $(tail -2 "$RUN/$be-dhcp.log")"; return 1; }
+  return 0
+}
+
+required() { case $1 in rs-vhost|rs-stream) return 0 ;; *) return 1 ;; esac; }
+
+label_of() {
+  case $1 in
+    rs-vhost) echo passt-rs-vhost ;; rs-stream) echo passt-rs-stream ;;
+    debian-passt) echo passt-debian ;; compare) echo compare ;; *) echo "$1" ;;
+  esac
+}
+
+available() {
+  case $1 in
+    slirp4netns) command -v slirp4netns >/dev/null ;;
+    debian-passt) [ -x /usr/bin/passt ] ;;
+    compare) [ -n "${PASST_COMPARE:-}" ] && [ -x "$PASST_COMPARE" ] ;;
+    *) [ -x "$BIN/passt" ] ;;
+  esac
+}
+
+# --- References: no back-end ----------------------------------------------------------------
+
+say "references: loopback and bare veth (host namespace)"
+TCP_OK=1; TCP_WHY=""
+for r in loopback veth; do
+  addr=$REMOTE; [ $r = loopback ] && addr=127.0.0.1
+  for streams in 1 4; do
+    for rep in $(seq 1 "$REPS"); do
+      out=$(iperf host "$addr" -t "$DUR" -P "$streams")
+      if [ "${out%% *}" = ERR ]; then harness_error "reference $r: ${out#ERR }"; continue; fi
+      set -- $out
+      record "ref-$r" - "tcp_up_P$streams" "$rep" "$(awk -v b="$1" 'BEGIN {printf "%.1f", b / 1e6}')" Mbit/s "" "$3"
+      say "ref-$r tcp P$streams rep $rep: $(awk -v b="$1" 'BEGIN {printf "%.0f", b / 1e6}') Mbit/s"
+    done
+  done
+done
+rr_cases ref-veth - host
+
+for be in $BACKENDS; do
+  label=$(label_of "$be")
+  if ! available "$be"; then
+    say "$label: not available here, skipped"
+    echo "$label,-,available,,,unsupported: not installed or not set,," >> "$CSV"
+    continue
+  fi
+  TCP_OK=1; TCP_WHY=""
+  first=1
+  for mtu in $MTUS; do
+    # slirp4netns caps its MTU at 65520 as well; every back-end gets both MTUs.
+    say "$label: attaching (guest MTU $mtu)"
+    if ! attach "$be" "$mtu"; then
+      if required "$be"; then harness_error "$label: $ATTACH_WHY"
+      else say "$label: cannot attach: $ATTACH_WHY"; fi
+      echo "$label,$mtu,attach,,,unsupported: ${ATTACH_WHY//[,$'\n']/ },," >> "$CSV"
+      detach
+      continue
+    fi
+    say "$label: attached (back-end PID $BACKEND_PID, RSS $(rss_kib "$BACKEND_PID") KiB)"
+    if [ -n "${BENCH_HOOK:-}" ]; then
+      # Debugging: run a command with the back-end attached instead of the cases.
+      GUEST=$GUEST PEER=$PEER BACKEND_PID=$BACKEND_PID bash -c "$BENCH_HOOK"
+      detach; continue
+    fi
+    if [ $first = 1 ]; then
+      record "$label" - rss_idle 1 "$(rss_kib "$BACKEND_PID")" KiB
+      ping_case "$label" "$mtu" guest
+      if required "$be" && ! grep -q "^$label,$mtu,icmp_rtt,[0-9]*,[0-9]" "$CSV"; then
+        harness_error "$label: no ICMP echo reply through the back-end"
+      fi
+    fi
+    throughput "$label" "$mtu" guest "$REMOTE" "$BACKEND_PID"
+    if [ $first = 1 ]; then
+      # Scale before CRR: CRR leaves thousands of TIME_WAIT sockets (guest and host side)
+      # that slow down every later connect().
+      scale_cases "$label" "$mtu" "$BACKEND_PID"
+      rr_cases "$label" "$mtu" guest
+    fi
+    first=0
+    detach
+  done
+done
+
+say "done in $(( $(date +%s) - T0 )) s, harness errors: $HARNESS_ERRORS"
+[ "$HARNESS_ERRORS" = 0 ]
