@@ -573,6 +573,12 @@ impl Loop {
                 self.engine.room_returned(to_guest);
             }
             to_guest.flush();
+            // The flush itself may have made the room (the stream socket took it all): no
+            // EPOLLOUT would come to say so, and muted flows would wait for the next event.
+            if to_guest.room_returned() {
+                self.engine.room_returned(to_guest);
+                to_guest.flush();
+            }
         }
         if let Link::Stream {
             tap: Some(tap),
