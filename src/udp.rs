@@ -532,11 +532,11 @@ impl Udp {
     /// ICMP errors to the guest.
     ///
     /// Each datagram is received straight into a frame the back-end lends
-    /// ([`ToGuest::send_with`]: guest RX buffers in vhost-user mode), sized exactly by
-    /// a peek at its length (`MSG_PEEK | MSG_TRUNC`), and the headers are written around it. If the back-end has no room, the
-    /// flow stops reading (its socket leaves the epoll read set) and the datagrams wait in
-    /// the socket's receive buffer; what overflows it is counted (`SO_RXQ_OVFL`) as
-    /// `sock_drops`. [`Udp::room_returned`] resumes the flows.
+    /// ([`ToGuest::send_with`]: guest RX buffers in vhost-user mode), sized exactly by a
+    /// peek at its length (`MSG_PEEK | MSG_TRUNC`), and the headers are written around it.
+    /// If the back-end has no room, the flow stops reading (its socket leaves the epoll
+    /// read set) and the datagrams wait in the socket's receive buffer; what overflows it
+    /// is counted (`SO_RXQ_OVFL`) as `sock_drops`. [`Udp::room_returned`] resumes the flows.
     #[allow(clippy::too_many_arguments)]
     pub fn from_sock(
         &mut self,
