@@ -217,8 +217,21 @@ impl Engine {
                 self.now,
                 self.guest_mac,
                 self.net.our_mac,
+                &mut self.registrar,
                 to_guest,
             );
+        }
+    }
+
+    /// Room towards the guest came back ([`ToGuest::room_returned`]): TCP flows send what
+    /// they held back, UDP flows read again.
+    pub fn room_returned(&mut self, to_guest: &mut dyn ToGuest) {
+        let macs = self.macs();
+        if let Some(tcp) = self.tcp.as_mut() {
+            tcp.room_returned(self.now, macs, to_guest);
+        }
+        if let Some(udp) = self.udp.as_mut() {
+            udp.room_returned(&mut self.registrar);
         }
     }
 

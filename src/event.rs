@@ -452,6 +452,8 @@ impl Loop {
         log::info!("client connected");
         if let Some(to_guest) = self.link.guest_side() {
             self.engine.guest_attached(to_guest);
+            // Data held back while no guest was there (sockets kept it) goes now.
+            self.engine.room_returned(to_guest);
             to_guest.flush();
         }
         Ok(())
@@ -561,10 +563,22 @@ impl Loop {
         Ok(())
     }
 
-    /// After a batch of events: one flush towards the guest, and output interest to match.
+    /// After a batch of events: retries held back for room, one flush towards the guest, and
+    /// output interest to match.
     fn after_batch(&mut self) {
         if let Some(to_guest) = self.link.guest_side() {
+            // The guest added RX buffers (or the stream socket drained) after frames were
+            // refused for lack of room: what waits in sockets goes out in this batch.
+            if to_guest.room_returned() {
+                self.engine.room_returned(to_guest);
+            }
             to_guest.flush();
+            // The flush itself may have made the room (the stream socket took it all): no
+            // EPOLLOUT would come to say so, and muted flows would wait for the next event.
+            if to_guest.room_returned() {
+                self.engine.room_returned(to_guest);
+                to_guest.flush();
+            }
         }
         if let Link::Stream {
             tap: Some(tap),

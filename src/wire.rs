@@ -92,6 +92,63 @@ pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: IpProtocol, parts: &[&[u8]])
     !combine_parts(pseudo, parts)
 }
 
+/// Transport checksum (complemented, ready to store) over the pseudo-header, the L4
+/// header `hdr` (checksum field zero) and a payload of `payload_len` bytes whose sum is
+/// `payload_sum` ([`PartialSum`] of the payload alone).
+pub fn l4_checksum_with(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: IpProtocol,
+    hdr: &[u8],
+    payload_len: usize,
+    payload_sum: u16,
+) -> u16 {
+    let len = (hdr.len() + payload_len) as u32;
+    let pseudo = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => checksum::pseudo_header_v4(&s, &d, proto, len),
+        (IpAddr::V6(s), IpAddr::V6(d)) => checksum::pseudo_header_v6(&s, &d, proto, len),
+        _ => 0,
+    };
+    let mut acc = PartialSum {
+        sum: pseudo,
+        odd: false,
+    };
+    acc.add(hdr);
+    acc.add_sum(payload_sum, payload_len);
+    !acc.sum
+}
+
+/// An RFC 1071 sum built piece by piece, pieces of any length, as if they were one
+/// contiguous buffer (a piece starting at an odd offset contributes its bytes swapped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartialSum {
+    sum: u16,
+    odd: bool,
+}
+
+impl PartialSum {
+    pub fn of(data: &[u8]) -> Self {
+        let mut s = PartialSum::default();
+        s.add(data);
+        s
+    }
+
+    pub fn add(&mut self, data: &[u8]) {
+        self.add_sum(checksum::data(data), data.len());
+    }
+
+    /// Adds the sum of `len` bytes computed separately (from an even offset).
+    pub fn add_sum(&mut self, sum: u16, len: usize) {
+        self.sum = checksum::combine(&[self.sum, if self.odd { sum.swap_bytes() } else { sum }]);
+        self.odd ^= len % 2 == 1;
+    }
+
+    /// The sum, not complemented.
+    pub fn value(&self) -> u16 {
+        self.sum
+    }
+}
+
 /// ICMPv4 has no pseudo-header: checksum over the message alone, complemented.
 pub fn icmp4_checksum(parts: &[&[u8]]) -> u16 {
     !combine_parts(0, parts)

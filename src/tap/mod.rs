@@ -8,6 +8,9 @@
 ///
 /// A frame is given as a list of parts (for example our headers, then payload read from a
 /// host socket), so a back-end can gather them straight into guest buffers with one copy.
+/// Data from host sockets can do better with [`ToGuest::send_with`]: the kernel writes the
+/// payload straight into the back-end's room for the frame (guest memory, in vhost-user
+/// mode), and the headers follow once its length is known.
 pub trait ToGuest {
     /// Queues one Ethernet frame for the guest. Back-ends pad frames shorter than 60 bytes.
     /// Returns `false` if the frame was dropped (no room even after queueing); the back-end
@@ -17,6 +20,100 @@ pub trait ToGuest {
     /// Makes everything queued so far visible to the guest: one used-ring publication and
     /// at most one interrupt, or one socket write.
     fn flush(&mut self);
+
+    /// Builds one frame in place: `hdr_len` bytes of headers (Ethernet to L4, at most
+    /// [`MAX_HDR`]) followed by up to `max_payload` bytes of payload.
+    ///
+    /// The back-end reserves room for the frame, at least `min_payload` bytes of payload and
+    /// as much as it has up to `max_payload`, then calls [`FrameWriter::payload`] with that
+    /// room, then [`FrameWriter::header`] with the payload's length and checksum, and queues
+    /// the frame (padded to 60 bytes) for the next [`ToGuest::flush`]. Room not used is
+    /// given back. If there is no room, nothing is called and [`SendWith::NoRoom`] tells the
+    /// caller to keep its data (in the socket) until [`ToGuest::room_returned`] says so.
+    ///
+    /// The default goes through a stack buffer and [`ToGuest::send`] (one copy more), for
+    /// back-ends without room of their own to lend.
+    fn send_with(
+        &mut self,
+        hdr_len: usize,
+        min_payload: usize,
+        max_payload: usize,
+        w: &mut dyn FrameWriter,
+    ) -> SendWith {
+        let mut buf = [0u8; MAX_FRAME];
+        let Some(room) = payload_room(hdr_len, min_payload, max_payload) else {
+            return SendWith::Dropped;
+        };
+        let (hdr, payload) = buf.split_at_mut(hdr_len);
+        let payload = &mut payload[..room];
+        let iov = [libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: payload.len(),
+        }];
+        let Some(len) = w.payload(&iov) else {
+            return SendWith::Abandoned;
+        };
+        let len = len.min(room);
+        let sum = crate::wire::PartialSum::of(&payload[..len]);
+        if !w.header(hdr, len, sum.value()) {
+            return SendWith::Dropped;
+        }
+        if self.send(&[hdr, &payload[..len]]) {
+            SendWith::Sent(len)
+        } else {
+            SendWith::Dropped
+        }
+    }
+
+    /// Whether room came back since a [`ToGuest::send_with`] was refused with
+    /// [`SendWith::NoRoom`] (the guest added RX buffers, the socket drained). Clears the
+    /// condition: callers retry what they held back, once.
+    fn room_returned(&mut self) -> bool {
+        false
+    }
+}
+
+/// Fills one frame reserved by [`ToGuest::send_with`].
+pub trait FrameWriter {
+    /// Writes the payload into `room` (raw iovecs, as the kernel takes them: in vhost-user
+    /// mode they point into guest memory the guest may write concurrently, so they must
+    /// not be turned into Rust references). Returns its length, or `None` to give the
+    /// room back untouched (nothing to send after all: no data yet, end of stream, error).
+    fn payload(&mut self, room: &[libc::iovec]) -> Option<usize>;
+
+    /// Writes the headers into `hdr` (exactly `hdr_len` bytes) for `len` bytes of
+    /// payload whose RFC 1071 sum (not complemented, as if at an even offset) is
+    /// `payload_sum`. `false` drops the frame.
+    fn header(&mut self, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool;
+}
+
+/// Outcome of [`ToGuest::send_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum SendWith {
+    /// Queued, with this much payload.
+    Sent(usize),
+    /// No room for the frame now: nothing was called, nothing consumed. Try again once
+    /// [`ToGuest::room_returned`] holds.
+    NoRoom,
+    /// The writer gave its room back ([`FrameWriter::payload`] returned `None`).
+    Abandoned,
+    /// The frame was lost (bad arguments, bad guest buffers, the writer's header refused);
+    /// the payload, if any, was consumed. Counted by the back-end.
+    Dropped,
+}
+
+/// Largest header [`ToGuest::send_with`] takes: Ethernet, IPv6, TCP with options.
+pub const MAX_HDR: usize = 128;
+
+/// Payload room for a frame: `max_payload`, cut to what fits [`MAX_FRAME`]; `None` if that
+/// is below `min_payload` or the header is too long.
+pub fn payload_room(hdr_len: usize, min_payload: usize, max_payload: usize) -> Option<usize> {
+    if hdr_len > MAX_HDR || hdr_len == 0 {
+        return None;
+    }
+    let room = max_payload.min(MAX_FRAME - hdr_len);
+    (room >= min_payload).then_some(room)
 }
 
 /// Whatever consumes frames from the guest: the L2 dispatcher.
@@ -42,4 +139,9 @@ impl ToGuest for Discard {
     }
 
     fn flush(&mut self) {}
+
+    /// No room: data stays in the sockets until a guest attaches.
+    fn send_with(&mut self, _: usize, _: usize, _: usize, _: &mut dyn FrameWriter) -> SendWith {
+        SendWith::NoRoom
+    }
 }

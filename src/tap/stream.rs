@@ -17,7 +17,8 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
-use super::{FrameHandler, ToGuest, ETH_MIN_FRAME};
+use super::{FrameHandler, FrameWriter, SendWith, ToGuest, ETH_MIN_FRAME, MAX_HDR};
+use crate::wire::PartialSum;
 
 /// Ethernet header length: the shortest frame we accept from the guest.
 const MIN_GUEST_FRAME: usize = 14;
@@ -57,6 +58,8 @@ struct Writer {
     end: usize,
     stats: StreamStats,
     broken: bool,
+    /// An in-place frame was refused for lack of room: report room once it is back.
+    starved: bool,
 }
 
 impl Writer {
@@ -66,6 +69,22 @@ impl Writer {
 
     fn room(&self) -> usize {
         self.buf.len() - self.pending()
+    }
+
+    /// Makes `need` contiguous bytes free at the end of the buffer, writing out and
+    /// compacting as needed.
+    fn make_room(&mut self, need: usize) -> bool {
+        if self.buf.len() - self.end >= need {
+            return true;
+        }
+        self.drain();
+        if self.room() < need {
+            return false;
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        true
     }
 
     /// Writes out as much as the socket takes.
@@ -98,16 +117,9 @@ impl ToGuest for Writer {
             return false;
         }
         let need = LEN_BYTES + padded;
-        if self.buf.len() - self.end < need {
-            // Make room: what the socket takes now, then compact.
-            self.drain();
-            if self.room() < need {
-                self.stats.dropped_to_guest += 1;
-                return false;
-            }
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+        if !self.make_room(need) {
+            self.stats.dropped_to_guest += 1;
+            return false;
         }
         let mut at = self.end;
         self.buf[at..at + LEN_BYTES].copy_from_slice(&(padded as u32).to_be_bytes());
@@ -125,6 +137,61 @@ impl ToGuest for Writer {
 
     fn flush(&mut self) {
         self.drain();
+    }
+
+    /// Room in the output buffer, after the length field: the payload is written where the
+    /// frame will be sent from, so the kernel copies it once into this buffer.
+    fn send_with(
+        &mut self,
+        hdr_len: usize,
+        min_payload: usize,
+        max_payload: usize,
+        w: &mut dyn FrameWriter,
+    ) -> SendWith {
+        let Some(room) = super::payload_room(hdr_len, min_payload, max_payload) else {
+            self.stats.dropped_to_guest += 1;
+            return SendWith::Dropped;
+        };
+        let room = room.min(MAX_GUEST_FRAME - hdr_len);
+        let need = LEN_BYTES + (hdr_len + room).max(ETH_MIN_FRAME);
+        if !self.make_room(need) {
+            self.starved = true;
+            return SendWith::NoRoom;
+        }
+        let at = self.end + LEN_BYTES;
+        let payload = &mut self.buf[at + hdr_len..at + hdr_len + room];
+        let iov = [libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: payload.len(),
+        }];
+        let Some(len) = w.payload(&iov) else {
+            return SendWith::Abandoned;
+        };
+        let len = len.min(room);
+        let sum = PartialSum::of(&self.buf[at + hdr_len..at + hdr_len + len]);
+        let mut hdr = [0u8; MAX_HDR];
+        if !w.header(&mut hdr[..hdr_len], len, sum.value()) {
+            self.stats.dropped_to_guest += 1;
+            return SendWith::Dropped;
+        }
+        self.buf[at..at + hdr_len].copy_from_slice(&hdr[..hdr_len]);
+        let frame = hdr_len + len;
+        let padded = frame.max(ETH_MIN_FRAME);
+        self.buf[at + frame..at + padded].fill(0);
+        self.buf[self.end..at].copy_from_slice(&(padded as u32).to_be_bytes());
+        self.end = at + padded;
+        self.stats.frames_to_guest += 1;
+        self.stats.bytes_to_guest += frame as u64;
+        SendWith::Sent(len)
+    }
+
+    /// Room is back once a maximum frame fits again.
+    fn room_returned(&mut self) -> bool {
+        if self.starved && !self.broken && self.room() >= LEN_BYTES + MAX_GUEST_FRAME {
+            self.starved = false;
+            return true;
+        }
+        false
     }
 }
 
@@ -149,6 +216,7 @@ impl StreamTap {
                 end: 0,
                 stats: StreamStats::default(),
                 broken: false,
+                starved: false,
             },
         })
     }

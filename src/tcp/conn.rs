@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use smoltcp::wire::{IpProtocol, TcpPacket};
 
-use crate::tap::ToGuest;
+use crate::tap::{FrameWriter, SendWith, ToGuest};
 use crate::wire;
 
 /// TCP header flags.
@@ -72,6 +72,10 @@ pub trait SockOps {
     fn peek(&mut self, skip: usize, want: usize, buf: &mut [u8]) -> io::Result<usize>;
     /// How much [`Self::peek`] may be asked for at `skip` with a buffer of `buf_len`.
     fn peek_limit(&self, skip: usize, buf_len: usize) -> usize;
+    /// Like [`Self::peek`], but into raw iovecs (guest memory: see
+    /// [`crate::tap::FrameWriter::payload`]), as much as they hold. `None` if this socket
+    /// can't peek at an offset (no `SO_PEEK_OFF`): the caller peeks into its own buffer.
+    fn peek_iov(&mut self, skip: usize, iov: &[libc::iovec]) -> Option<io::Result<usize>>;
     /// Drops `n` bytes the guest acknowledged from the front of the receive queue.
     fn consume(&mut self, n: usize) -> io::Result<()>;
     /// Shuts the write side down (our FIN to the peer).
@@ -160,6 +164,8 @@ pub struct Conn {
     retrans: u8,
     rto: Option<Instant>,
     last_activity: Instant,
+    /// Socket data waits for room towards the guest ([`SendWith::NoRoom`]).
+    tap_blocked: bool,
 }
 
 impl Conn {
@@ -191,6 +197,7 @@ impl Conn {
             retrans: 0,
             rto: None,
             last_activity: now,
+            tap_blocked: false,
         }
     }
 
@@ -218,6 +225,7 @@ impl Conn {
             retrans: 0,
             rto: None,
             last_activity: now,
+            tap_blocked: false,
         }
     }
 
@@ -531,6 +539,12 @@ impl Conn {
         if !self.has(ev::ESTABLISHED) || self.has(ev::TAP_FIN_SENT) {
             return Verdict::Keep;
         }
+        self.tap_blocked = false;
+        match self.sock_to_tap_in_place(now, sock, out) {
+            InPlace::Done(v) => return v,
+            InPlace::Eof => return self.fin_to_tap(now, sock, out),
+            InPlace::Unsupported => {}
+        }
         loop {
             let in_flight = self.in_flight();
             if in_flight >= self.wnd_from_tap {
@@ -555,19 +569,7 @@ impl Conn {
             };
             self.last_activity = now;
             if n == 0 {
-                let seq = self.seq_to_tap;
-                let ack = self.seq_from_tap;
-                let wnd = self.window_to_tap(sock);
-                if !self.emit(out, seq, ack, flag::FIN | flag::ACK, wnd, &[], &[]) {
-                    self.rto.get_or_insert(now + self.rto_interval());
-                    break;
-                }
-                self.seq_fin_to_tap = Some(seq);
-                self.seq_to_tap = seq.wrapping_add(1);
-                self.seq_max_to_tap = self.seq_to_tap;
-                self.set(ev::TAP_FIN_SENT);
-                self.rto.get_or_insert(now + self.rto_interval());
-                break;
+                return self.fin_to_tap(now, sock, out);
             }
             let wnd = self.window_to_tap(sock);
             let mut sent = 0;
@@ -597,6 +599,109 @@ impl Conn {
             }
         }
         Verdict::Keep
+    }
+
+    /// End of stream from the socket: our FIN.
+    fn fin_to_tap(&mut self, now: Instant, sock: &mut dyn SockOps, out: &mut Out) -> Verdict {
+        self.last_activity = now;
+        let seq = self.seq_to_tap;
+        let ack = self.seq_from_tap;
+        let wnd = self.window_to_tap(sock);
+        if self.emit(out, seq, ack, flag::FIN | flag::ACK, wnd, &[], &[]) {
+            self.seq_fin_to_tap = Some(seq);
+            self.seq_to_tap = seq.wrapping_add(1);
+            self.seq_max_to_tap = self.seq_to_tap;
+            self.set(ev::TAP_FIN_SENT);
+        }
+        self.rto.get_or_insert(now + self.rto_interval());
+        Verdict::Keep
+    }
+
+    /// Socket data peeked straight into frames the back-end lends ([`ToGuest::send_with`]):
+    /// one segment per frame, one copy (kernel to guest memory in vhost-user mode).
+    fn sock_to_tap_in_place(
+        &mut self,
+        now: Instant,
+        sock: &mut dyn SockOps,
+        out: &mut Out,
+    ) -> InPlace {
+        let wnd = self.window_to_tap(sock);
+        let hdr_len = wire::l3_header_len(self.ends.guest.0.is_ipv6()) + TCP_HLEN;
+        let mut sent_any = false;
+        let verdict = loop {
+            let in_flight = self.in_flight();
+            if in_flight >= self.wnd_from_tap {
+                break Verdict::Keep;
+            }
+            let want = ((self.wnd_from_tap - in_flight) as usize).min(self.mss_to_tap);
+            let mut w = SegWriter {
+                sock: &mut *sock,
+                skip: in_flight as usize,
+                peeked: None,
+                drained: false,
+                guest_mac: out.guest_mac,
+                our_mac: out.our_mac,
+                src: self.ends.remote,
+                dst: self.ends.guest,
+                h: Header {
+                    seq: self.seq_to_tap,
+                    ack: self.seq_from_tap,
+                    flags: flag::ACK,
+                    wnd,
+                },
+            };
+            let res = out
+                .to_guest
+                .send_with(hdr_len, want.min(MIN_SEG), want, &mut w);
+            let (peeked, drained) = (w.peeked, w.drained);
+            match res {
+                SendWith::Sent(n) => {
+                    sent_any = true;
+                    self.wnd_to_tap_sent.set(wnd);
+                    self.last_activity = now;
+                    self.seq_to_tap = self.seq_to_tap.wrapping_add(n as u32);
+                    if seq_diff(self.seq_to_tap, self.seq_max_to_tap) > 0 {
+                        self.seq_max_to_tap = self.seq_to_tap;
+                    }
+                    // Edge-triggered: new data is reported again, no need to ask now.
+                    if drained {
+                        break Verdict::Keep;
+                    }
+                }
+                SendWith::NoRoom => {
+                    self.tap_blocked = true;
+                    break Verdict::Keep;
+                }
+                SendWith::Dropped => break Verdict::Keep,
+                SendWith::Abandoned => match peeked {
+                    None => return InPlace::Unsupported,
+                    Some(Ok(0)) => {
+                        if sent_any {
+                            self.rto.get_or_insert(now + self.rto_interval());
+                        }
+                        return InPlace::Eof;
+                    }
+                    Some(Ok(_)) => break Verdict::Keep,
+                    Some(Err(e)) if e.kind() == ErrorKind::WouldBlock => break Verdict::Keep,
+                    Some(Err(e)) if e.kind() == ErrorKind::Interrupted => continue,
+                    Some(Err(e)) => {
+                        log::debug!("tcp: receive from {} failed: {e}", self.ends.remote.0);
+                        self.rst_to_tap(out);
+                        break Verdict::Abort;
+                    }
+                },
+            }
+        };
+        if sent_any {
+            self.rto.get_or_insert(now + self.rto_interval());
+        }
+        InPlace::Done(verdict)
+    }
+
+    /// Whether socket data waited for room towards the guest; clears it. The caller
+    /// retries with [`Conn::sock_to_tap`].
+    pub fn take_tap_blocked(&mut self) -> bool {
+        std::mem::take(&mut self.tap_blocked)
     }
 
     /// Periodic work: retransmission timeout, window updates, idle and FIN timeouts.
@@ -742,38 +847,95 @@ pub struct Header {
     pub wnd: u16,
 }
 
-/// Builds one segment from `src` to `dst` (Ethernet, IP, TCP with `opts`, whose length is
-/// a multiple of 4 and at most 8) around `payload`, complete checksums, and queues it.
+/// Smallest segment worth a frame when the back-end has less room than a full one.
+const MIN_SEG: usize = 536;
+
+enum InPlace {
+    Done(Verdict),
+    Eof,
+    /// The socket can't peek at an offset: use the copying path.
+    Unsupported,
+}
+
+/// One data segment built in place: the payload peeked into the frame's room, the header
+/// written around it.
+struct SegWriter<'a> {
+    sock: &'a mut dyn SockOps,
+    skip: usize,
+    /// What the peek returned (`None`: not supported).
+    peeked: Option<io::Result<usize>>,
+    /// The peek returned less than the room: the socket has nothing more now.
+    drained: bool,
+    guest_mac: [u8; 6],
+    our_mac: [u8; 6],
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+    h: Header,
+}
+
+impl FrameWriter for SegWriter<'_> {
+    fn payload(&mut self, room: &[libc::iovec]) -> Option<usize> {
+        let res = self.sock.peek_iov(self.skip, room)?;
+        let n = match &res {
+            Ok(n) if *n > 0 => Some(*n),
+            _ => None,
+        };
+        if let Some(n) = n {
+            let cap: usize = room.iter().map(|v| v.iov_len).sum();
+            self.drained = n < cap;
+        }
+        self.peeked = Some(res);
+        n
+    }
+
+    fn header(&mut self, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool {
+        let mut h = self.h;
+        if self.drained {
+            h.flags |= flag::PSH;
+        }
+        build_header(
+            hdr,
+            self.guest_mac,
+            self.our_mac,
+            self.src,
+            self.dst,
+            h,
+            &[],
+            len,
+            payload_sum,
+        ) == Some(hdr.len())
+    }
+}
+
+/// Writes Ethernet, IP and TCP headers (with `opts`, a multiple of 4 bytes, at most 8) for
+/// a segment of `payload_len` bytes whose sum is `payload_sum`, complete checksums. Returns
+/// the header length.
 #[allow(clippy::too_many_arguments)]
-pub fn emit_segment(
-    to_guest: &mut dyn ToGuest,
+fn build_header(
+    hdr: &mut [u8],
     guest_mac: [u8; 6],
     our_mac: [u8; 6],
     src: (IpAddr, u16),
     dst: (IpAddr, u16),
     h: Header,
     opts: &[u8],
-    payload: &[u8],
-) -> bool {
-    let mut hdr = [0u8; HDR_MAX];
+    payload_len: usize,
+    payload_sum: u16,
+) -> Option<usize> {
     let l3 = wire::l3_header_len(src.0.is_ipv6());
     let thlen = TCP_HLEN + opts.len();
-    if opts.len() > 8 || opts.len() % 4 != 0 {
-        return false;
+    if opts.len() > 8 || opts.len() % 4 != 0 || hdr.len() < l3 + thlen {
+        return None;
     }
-    if wire::emit_l3(
+    wire::emit_l3(
         &mut hdr[..l3],
         guest_mac,
         our_mac,
         src.0,
         dst.0,
         IpProtocol::Tcp,
-        thlen + payload.len(),
-    )
-    .is_none()
-    {
-        return false;
-    }
+        thlen + payload_len,
+    )?;
     let tcp = &mut hdr[l3..l3 + thlen];
     {
         let mut p = TcpPacket::new_unchecked(&mut *tcp);
@@ -793,9 +955,40 @@ pub fn emit_segment(
         p.set_checksum(0);
     }
     tcp[TCP_HLEN..].copy_from_slice(opts);
-    let sum = wire::l4_checksum(src.0, dst.0, IpProtocol::Tcp, &[tcp, payload]);
+    let sum = wire::l4_checksum_with(src.0, dst.0, IpProtocol::Tcp, tcp, payload_len, payload_sum);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    to_guest.send(&[&hdr[..l3 + thlen], payload])
+    Some(l3 + thlen)
+}
+
+/// Builds one segment from `src` to `dst` (Ethernet, IP, TCP with `opts`, whose length is
+/// a multiple of 4 and at most 8) around `payload`, complete checksums, and queues it.
+#[allow(clippy::too_many_arguments)]
+pub fn emit_segment(
+    to_guest: &mut dyn ToGuest,
+    guest_mac: [u8; 6],
+    our_mac: [u8; 6],
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+    h: Header,
+    opts: &[u8],
+    payload: &[u8],
+) -> bool {
+    let mut hdr = [0u8; HDR_MAX];
+    let sum = wire::PartialSum::of(payload).value();
+    let Some(n) = build_header(
+        &mut hdr,
+        guest_mac,
+        our_mac,
+        src,
+        dst,
+        h,
+        opts,
+        payload.len(),
+        sum,
+    ) else {
+        return false;
+    };
+    to_guest.send(&[&hdr[..n], payload])
 }
 
 #[cfg(test)]
@@ -816,6 +1009,8 @@ pub(crate) mod tests {
         pub take_max: Option<usize>,
         pub error: Option<ErrorKind>,
         pub shut_wr: bool,
+        /// Supports [`SockOps::peek_iov`].
+        pub in_place: bool,
     }
 
     impl SockOps for FakeSock {
@@ -843,6 +1038,26 @@ pub(crate) mod tests {
         }
         fn peek_limit(&self, _skip: usize, buf_len: usize) -> usize {
             buf_len
+        }
+        fn peek_iov(&mut self, skip: usize, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
+            if !self.in_place {
+                return None;
+            }
+            let mut n = 0;
+            for v in iov {
+                // SAFETY: the iovecs a back-end lends are valid for writes of their length.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
+                let k = self.rx.len().saturating_sub(skip + n).min(dst.len());
+                for (i, b) in self.rx.iter().skip(skip + n).take(k).enumerate() {
+                    dst[i] = *b;
+                }
+                n += k;
+            }
+            if n == 0 && !self.eof {
+                return Some(Err(ErrorKind::WouldBlock.into()));
+            }
+            Some(Ok(n))
         }
         fn consume(&mut self, n: usize) -> io::Result<()> {
             assert!(n <= self.rx.len(), "consumed {n} of {}", self.rx.len());
@@ -1167,6 +1382,85 @@ pub(crate) mod tests {
         assert_eq!(more.len(), 10);
         assert_eq!(more[0].seq, ISN + 1 + 4000);
         assert_eq!(more[0].payload[0], (4000 % 256) as u8);
+    }
+
+    #[test]
+    fn host_data_peeked_in_place_into_frames() {
+        let mut t = established();
+        t.sock.in_place = true;
+        t.sock.rx.extend((0..=255u8).cycle().take(5000));
+        t.ready(true, false, false);
+        let segs = t.take();
+        // Window 4000, MSS 100: 40 segments, each a peek into its own frame, checksums
+        // over the payload as it landed (decode checks them).
+        assert_eq!(segs.len(), 40);
+        assert!(segs.iter().all(|g| g.payload.len() == 100));
+        let all: Vec<u8> = segs.iter().flat_map(|g| g.payload.clone()).collect();
+        assert_eq!(
+            all[..],
+            t.sock.rx.iter().copied().take(4000).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(t.sock.rx.len(), 5000, "peeked, not consumed");
+        // The rest after an ACK: 1000 bytes, then a short read of 50 is pushed.
+        t.ack(ISN + 1 + 4000, 1000);
+        let more = t.take();
+        assert_eq!(more.len(), 10);
+        assert_eq!(more[0].seq, ISN + 1 + 4000);
+        t.sock.rx.extend([1u8; 50]);
+        t.ready(true, false, false);
+        let last = t.take();
+        assert_eq!(last.len(), 1);
+        assert_eq!(
+            (last[0].payload.len(), last[0].flags & flag::PSH),
+            (50, flag::PSH)
+        );
+        // End of stream: FIN right after the data.
+        t.sock.eof = true;
+        t.ready(true, false, false);
+        let fin = t.take();
+        assert_eq!(fin.len(), 1);
+        assert_eq!(
+            (fin[0].flags & flag::FIN, fin[0].seq),
+            (flag::FIN, ISN + 1 + 5050)
+        );
+    }
+
+    /// A back-end without room for frames built in place.
+    struct Full;
+    impl ToGuest for Full {
+        fn send(&mut self, _: &[&[u8]]) -> bool {
+            false
+        }
+        fn flush(&mut self) {}
+        fn send_with(&mut self, _: usize, _: usize, _: usize, _: &mut dyn FrameWriter) -> SendWith {
+            SendWith::NoRoom
+        }
+    }
+
+    #[test]
+    fn no_room_keeps_data_in_the_socket_until_room_returns() {
+        let mut t = established();
+        t.sock.in_place = true;
+        t.sock.rx.extend([7u8; 300]);
+        let mut buf = vec![0u8; 64];
+        let mut out = Out {
+            to_guest: &mut Full,
+            guest_mac: [2; 6],
+            our_mac: [3; 6],
+            buf: &mut buf,
+        };
+        assert_eq!(
+            t.conn.sock_to_tap(t.now, &mut t.sock, &mut out),
+            Verdict::Keep
+        );
+        assert_eq!(t.conn.in_flight(), 0, "nothing sent");
+        assert!(t.conn.take_tap_blocked());
+        assert!(!t.conn.take_tap_blocked(), "cleared");
+        // Room again: the retry sends it all.
+        t.ready(true, false, false);
+        let segs = t.take();
+        assert_eq!(segs.iter().map(|g| g.payload.len()).sum::<usize>(), 300);
+        assert!(!t.conn.take_tap_blocked());
     }
 
     #[test]

@@ -56,7 +56,14 @@
 //! - `seq_from_tap`: next sequence number expected from the guest (what we ACK).
 //! - `wnd_from_tap`: the guest's receive window in bytes, after scaling.
 //!
-//! Not yet: vhost-user zero-copy send, per-flow timers.
+//! Socket data reaches the guest with one copy where the back-end lends room
+//! ([`ToGuest::send_with`]): the peek at `SO_PEEK_OFF` writes straight into the frame (guest
+//! RX buffers in vhost-user mode), one segment per frame, and the header follows. Without
+//! `SO_PEEK_OFF` (kernels before 6.9) the peek can't start at an offset, so data goes
+//! through our buffer as before. If the back-end has no room, the data stays in the socket
+//! and the flow is marked; [`Tcp::room_returned`] resumes it.
+//!
+//! Not yet: zero-copy from the guest (`sendmsg` from guest memory), per-flow timers.
 
 pub mod conn;
 pub mod sock;
@@ -579,6 +586,30 @@ impl<S: Socket> Tcp<S> {
             .conn
             .sock_ready(readable, writable, error, now, &mut flow.sock, &mut out);
         self.finish(idx, v);
+    }
+
+    /// Room towards the guest came back ([`ToGuest::room_returned`]): flows whose socket
+    /// data waited for it send now. Their sockets are edge-triggered, so nothing else would
+    /// bring that data back before a retransmission timeout.
+    pub fn room_returned(&mut self, now: Instant, macs: Macs, to_guest: &mut dyn ToGuest) {
+        for i in 0..self.table.high_water() {
+            let idx = FlowIdx(i);
+            let Tcp { table, buf, .. } = self;
+            let Some(flow) = table.get_mut(idx) else {
+                continue;
+            };
+            if !flow.conn.take_tap_blocked() {
+                continue;
+            }
+            let mut out = Out {
+                to_guest: &mut *to_guest,
+                guest_mac: macs.guest,
+                our_mac: macs.ours,
+                buf,
+            };
+            let v = flow.conn.sock_to_tap(now, &mut flow.sock, &mut out);
+            self.finish(idx, v);
+        }
     }
 
     /// Timers of every flow: call periodically.

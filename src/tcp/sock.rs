@@ -28,6 +28,9 @@ pub struct HostSock {
     peek_off: bool,
     /// `EPOLLRDHUP` seen: without `SO_PEEK_OFF`, tells end of stream from "no new data".
     rdhup: bool,
+    /// Where the kernel's peek offset stands, if we know: a peek moves it past what it
+    /// returned, so consecutive segments need no `setsockopt` in between.
+    peek_at: Option<usize>,
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -129,6 +132,7 @@ impl HostSock {
             fd,
             peek_off,
             rdhup: false,
+            peek_at: None,
         })
     }
 
@@ -139,6 +143,7 @@ impl HostSock {
             fd,
             peek_off,
             rdhup: false,
+            peek_at: None,
         }
     }
 
@@ -195,6 +200,33 @@ fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     }
 }
 
+impl HostSock {
+    fn peek_iov_at(&mut self, skip: usize, iov: &[libc::iovec]) -> io::Result<usize> {
+        if self.peek_at != Some(skip) {
+            let off = libc::c_int::try_from(skip)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            self.peek_at = None;
+            setsockopt_int(self.raw_fd(), libc::SOL_SOCKET, SO_PEEK_OFF, off)?;
+            self.peek_at = Some(skip);
+        }
+        // SAFETY: msghdr is plain data; all zeroes is valid, the iovec fields are set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        // The kernel only writes through these iovecs (recvmsg takes a non-const pointer
+        // but never modifies the array itself); what they point to is the caller's room.
+        msg.msg_iov = iov.as_ptr().cast_mut();
+        msg.msg_iovlen = iov.len();
+        // SAFETY: msg points at `iov`, live for the call; each iovec is memory the caller
+        // lent for writing (see `FrameWriter::payload`).
+        let r =
+            unsafe { libc::recvmsg(self.raw_fd(), &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.peek_at = Some(skip + r as usize);
+        Ok(r as usize)
+    }
+}
+
 impl SockOps for HostSock {
     fn send(&mut self, data: &[u8]) -> io::Result<usize> {
         // SAFETY: data is live for its length.
@@ -217,6 +249,7 @@ impl SockOps for HostSock {
         if self.peek_off {
             let off = libc::c_int::try_from(skip)
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            self.peek_at = None;
             setsockopt_int(self.raw_fd(), libc::SOL_SOCKET, SO_PEEK_OFF, off)?;
             return recv(self.raw_fd(), &mut buf[..want], libc::MSG_PEEK);
         }
@@ -241,7 +274,15 @@ impl SockOps for HostSock {
         }
     }
 
+    fn peek_iov(&mut self, skip: usize, iov: &[libc::iovec]) -> Option<io::Result<usize>> {
+        if !self.peek_off {
+            return None;
+        }
+        Some(self.peek_iov_at(skip, iov))
+    }
+
     fn consume(&mut self, mut n: usize) -> io::Result<()> {
+        self.peek_at = None;
         while n > 0 {
             // MSG_TRUNC on TCP: drop the bytes, copy nothing.
             // SAFETY: a null buffer is fine with MSG_TRUNC, nothing is written.

@@ -33,8 +33,9 @@ use std::collections::VecDeque;
 
 use super::chain::{ChainError, ChainErrors, Seg, Segments};
 use super::{LogLimit, NetFeatures, Pop, RingConfig, StartError, Vring, NUM_BUFFERS_OFFSET};
-use crate::tap::{ToGuest, ETH_MIN_FRAME, MAX_FRAME};
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use crate::tap::{FrameWriter, SendWith, ToGuest, ETH_MIN_FRAME, MAX_FRAME, MAX_HDR};
+use crate::wire::PartialSum;
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Most segments one frame may use (a 64 KiB frame over 1500-byte buffers takes 44).
 const MAX_RX_SEGS: usize = 1024;
@@ -67,6 +68,10 @@ pub struct RxStats {
     pub bad_chains: ChainErrors,
     /// Times the ring was found broken (avail index jump).
     pub broken: u64,
+    /// Frames built in place whose writer refused the header (payload given back).
+    pub drop_writer: u64,
+    /// In-place frames refused for lack of buffers (the data stayed in its socket).
+    pub no_room: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -88,6 +93,8 @@ struct RxRing {
     feat: NetFeatures,
     segs: Segments,
     chains: Vec<Reserved>,
+    /// Payload room lent to a [`FrameWriter`], rebuilt for each frame.
+    iov: Vec<libc::iovec>,
     stats: RxStats,
     log: LogLimit,
 }
@@ -109,6 +116,11 @@ pub struct RxQueue {
     enabled: bool,
     /// Whether we asked the guest to kick us on new buffers.
     armed: bool,
+    /// A [`ToGuest::send_with`] was refused for lack of buffers: kicks stay armed, and the
+    /// next kick (or start) reports room through [`ToGuest::room_returned`].
+    starved: bool,
+    /// Room came back since `starved` was set.
+    room: bool,
 }
 
 impl RxQueue {
@@ -123,12 +135,15 @@ impl RxQueue {
                 feat: NetFeatures::from_acked(0),
                 segs: Segments::with_capacity(MAX_RX_SEGS),
                 chains: Vec::with_capacity(max_chains),
+                iov: Vec::with_capacity(2 * MAX_RX_SEGS),
                 stats: RxStats::default(),
                 log: LogLimit::default(),
             },
             pending: Pending::new(pending_bytes.max(MAX_FRAME), pending_frames.max(1)),
             enabled: false,
             armed: false,
+            starved: false,
+            room: false,
         }
     }
 
@@ -149,6 +164,8 @@ impl RxQueue {
         self.rx.ring.start(mem, cfg, feat.event_idx)?;
         self.rx.ring.disable_notification();
         self.armed = false;
+        // Whoever held data back for lack of buffers may try the new ring.
+        self.room |= std::mem::take(&mut self.starved);
         Ok(())
     }
 
@@ -163,6 +180,9 @@ impl RxQueue {
     /// SET_VRING_ENABLE: a disabled ring gets no new frames.
     pub fn set_enabled(&mut self, enabled: bool) {
         self.enabled = enabled;
+        if enabled {
+            self.room |= std::mem::take(&mut self.starved);
+        }
     }
 
     /// Whether frames can be sent now.
@@ -179,10 +199,27 @@ impl RxQueue {
         &self.rx.stats
     }
 
-    /// The guest added RX buffers: send what waits, and publish.
+    /// The guest added RX buffers: send what waits, and publish. If in-place frames were
+    /// refused meanwhile and nothing waits any more, [`ToGuest::room_returned`] now holds.
     pub fn handle_kick(&mut self) {
         self.service_pending();
+        if self.starved && !self.has_pending() {
+            self.starved = false;
+            self.room = true;
+            if self.armed {
+                self.rx.ring.disable_notification();
+                self.armed = false;
+            }
+        }
         self.flush();
+    }
+
+    /// Notes a refused in-place frame and asks for a kick on the next buffer. `true` if
+    /// buffers raced in while arming: the caller should try again at once.
+    fn starve(&mut self) -> bool {
+        self.starved = true;
+        self.armed = true;
+        self.rx.ring.arm_for_new_buffers()
     }
 
     fn drop_pending(&mut self) {
@@ -206,7 +243,7 @@ impl RxQueue {
                 }
             }
             if self.pending.frames.is_empty() {
-                if self.armed {
+                if self.armed && !self.starved {
                     self.rx.ring.disable_notification();
                     self.armed = false;
                 }
@@ -261,14 +298,75 @@ impl ToGuest for RxQueue {
     fn flush(&mut self) {
         self.rx.ring.publish();
     }
+
+    fn send_with(
+        &mut self,
+        hdr_len: usize,
+        min_payload: usize,
+        max_payload: usize,
+        w: &mut dyn FrameWriter,
+    ) -> SendWith {
+        let Some(max_payload) = crate::tap::payload_room(hdr_len, min_payload, max_payload) else {
+            self.rx.stats.drop_too_big += 1;
+            return SendWith::Dropped;
+        };
+        if !self.is_ready() {
+            self.starved = true;
+            self.rx.stats.no_room += 1;
+            return SendWith::NoRoom;
+        }
+        if self.has_pending() {
+            self.service_pending();
+        }
+        // Frames queued before this one go first.
+        if self.has_pending() {
+            self.starved = true;
+            self.rx.stats.no_room += 1;
+            return SendWith::NoRoom;
+        }
+        loop {
+            match self.rx.deliver_with(hdr_len, min_payload, max_payload, w) {
+                SendWith::NoRoom => {
+                    if self.starve() {
+                        continue;
+                    }
+                    self.rx.stats.no_room += 1;
+                    return SendWith::NoRoom;
+                }
+                SendWith::Dropped => {
+                    if self.rx.ring.is_broken() {
+                        self.rx.stats.broken += 1;
+                    }
+                    return SendWith::Dropped;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn room_returned(&mut self) -> bool {
+        std::mem::take(&mut self.room)
+    }
+}
+
+/// Chains reserved for one frame: consecutive in the available ring from `start`.
+struct Reservation {
+    start: u16,
+    have: usize,
+}
+
+enum Reserve {
+    Ok(Reservation),
+    NoRoom,
+    Dropped,
 }
 
 impl RxRing {
-    /// Reserves, writes and stages one frame.
-    fn deliver(&mut self, parts: &[&[u8]], len: usize) -> Deliver {
+    /// Pops chains until they hold `need` bytes (header included). Without MRG_RXBUF one
+    /// chain is taken, and it may hold as little as `min_need`; with it, chains are taken
+    /// until `need` or the ring runs dry, which is enough if `min_need` is reached.
+    fn reserve(&mut self, need: usize, min_need: usize) -> Reserve {
         let hdr_len = self.feat.hdr_len;
-        let padded = len.max(ETH_MIN_FRAME);
-        let need = hdr_len + padded;
         self.segs.clear();
         self.chains.clear();
         let mut start = self.ring.next_avail();
@@ -276,20 +374,26 @@ impl RxRing {
         while have < need {
             let seg_start = self.segs.len();
             match self.ring.pop(&mut self.segs, true) {
+                Pop::Empty if have >= min_need && have > 0 => break,
                 Pop::Empty => {
                     self.ring.rewind(start);
-                    return Deliver::NoRoom;
+                    return Reserve::NoRoom;
                 }
-                Pop::Broken => return Deliver::Dropped,
+                Pop::Broken => return Reserve::Dropped,
                 Pop::Chain {
                     head,
                     res: Err(ChainError::TooManyDescriptors),
                 } if !self.chains.is_empty() => {
-                    // The chain may be fine; the frame just spans too many segments.
                     let _ = head;
+                    if have >= min_need {
+                        // The chain may be fine: leave it for the next frame.
+                        let n = self.chains.len() as u16;
+                        self.ring.rewind(start.wrapping_add(n));
+                        break;
+                    }
                     self.ring.rewind(start);
                     self.stats.drop_fragmented += 1;
-                    return Deliver::Dropped;
+                    return Reserve::Dropped;
                 }
                 Pop::Chain { head, res } => {
                     let cap = match res {
@@ -304,53 +408,180 @@ impl RxRing {
                             have = 0;
                             start = self.ring.next_avail();
                         }
-                        Ok(cap) if !self.feat.mrg_rxbuf && (cap as usize) < need => {
+                        Ok(cap) if !self.feat.mrg_rxbuf && (cap as usize) < min_need => {
                             self.ring.rewind(start);
                             self.stats.drop_too_big += 1;
-                            return Deliver::Dropped;
+                            return Reserve::Dropped;
                         }
                         Ok(cap) => {
                             self.chains.push(Reserved { head, cap });
                             have += cap as usize;
+                            if !self.feat.mrg_rxbuf {
+                                break;
+                            }
                         }
                     }
                 }
             }
         }
+        Reserve::Ok(Reservation { start, have })
+    }
 
+    /// Stages the chains holding the first `total` bytes (header included) of a written
+    /// frame, and gives the rest back.
+    fn commit(&mut self, r: &Reservation, total: usize, len: usize) {
+        let mut left = total;
+        let mut used = 0u16;
+        for i in 0..self.chains.len() {
+            if left == 0 {
+                break;
+            }
+            let c = self.chains[i];
+            let n = left.min(c.cap as usize);
+            self.ring.stage_used(c.head, n as u32);
+            left -= n;
+            used += 1;
+        }
+        if usize::from(used) < self.chains.len() {
+            self.ring.rewind(r.start.wrapping_add(used));
+        }
+        self.stats.frames += 1;
+        self.stats.bytes += len as u64;
+        self.stats.buffers += u64::from(used);
+    }
+
+    /// Chains needed for `total` bytes of the reservation.
+    fn chains_for(&self, total: usize) -> u16 {
+        let mut left = total;
+        let mut n = 0u16;
+        for c in &self.chains {
+            if left == 0 {
+                break;
+            }
+            left = left.saturating_sub(c.cap as usize);
+            n += 1;
+        }
+        n
+    }
+
+    /// The virtio-net header for a frame over `n` buffers.
+    fn net_hdr(&self, n: u16) -> [u8; super::NET_HDR_LEN] {
         let mut hdr = [0u8; super::NET_HDR_LEN];
-        if hdr_len == super::NET_HDR_LEN {
-            let n = self.chains.len() as u16;
+        if self.feat.hdr_len == super::NET_HDR_LEN {
             hdr[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&n.to_le_bytes());
         }
+        hdr
+    }
+
+    /// A validated chain's memory vanished under us: give the buffers back empty.
+    fn lost(&mut self) {
+        for i in 0..self.chains.len() {
+            let c = self.chains[i];
+            self.ring.stage_used(c.head, 0);
+        }
+        self.stats.bad_chains.count(ChainError::Address);
+    }
+
+    /// Reserves, writes and stages one frame.
+    fn deliver(&mut self, parts: &[&[u8]], len: usize) -> Deliver {
+        let hdr_len = self.feat.hdr_len;
+        let padded = len.max(ETH_MIN_FRAME);
+        let need = hdr_len + padded;
+        let r = match self.reserve(need, need) {
+            Reserve::Ok(r) => r,
+            Reserve::NoRoom => return Deliver::NoRoom,
+            Reserve::Dropped => return Deliver::Dropped,
+        };
+        let hdr = self.net_hdr(self.chains_for(need));
         const ZEROES: [u8; ETH_MIN_FRAME] = [0; ETH_MIN_FRAME];
         let pieces = std::iter::once(&hdr[..hdr_len])
             .chain(parts.iter().copied())
             .chain(std::iter::once(&ZEROES[..padded - len]));
         let written = match self.ring.mem() {
-            Some(mem) => gather(mem, self.segs.as_slice(), pieces),
+            Some(mem) => gather(mem, self.segs.as_slice(), 0, pieces),
             None => false,
         };
         if !written {
-            // Memory vanished under a validated chain: give the buffers back empty.
-            for i in 0..self.chains.len() {
-                let c = self.chains[i];
-                self.ring.stage_used(c.head, 0);
-            }
-            self.stats.bad_chains.count(ChainError::Address);
+            self.lost();
             return Deliver::Dropped;
         }
-        let mut left = need;
-        for i in 0..self.chains.len() {
-            let c = self.chains[i];
-            let n = left.min(c.cap as usize);
-            self.ring.stage_used(c.head, n as u32);
-            left -= n;
-        }
-        self.stats.frames += 1;
-        self.stats.bytes += len as u64;
-        self.stats.buffers += self.chains.len() as u64;
+        self.commit(&r, need, len);
         Deliver::Done
+    }
+
+    /// [`ToGuest::send_with`] on the ring: reserve, lend the payload room to the writer,
+    /// header, stage.
+    fn deliver_with(
+        &mut self,
+        hdr_len: usize,
+        min_payload: usize,
+        max_payload: usize,
+        w: &mut dyn FrameWriter,
+    ) -> SendWith {
+        let vnet = self.feat.hdr_len;
+        let need = vnet + (hdr_len + max_payload).max(ETH_MIN_FRAME);
+        let min_need = vnet + (hdr_len + min_payload.max(1)).max(ETH_MIN_FRAME);
+        let r = match self.reserve(need, min_need) {
+            Reserve::Ok(r) => r,
+            Reserve::NoRoom => return SendWith::NoRoom,
+            Reserve::Dropped => return SendWith::Dropped,
+        };
+        let Some(mem) = self.ring.mem() else {
+            self.ring.rewind(r.start);
+            return SendWith::Dropped;
+        };
+        let room = (r.have.min(need) - vnet - hdr_len).min(max_payload);
+        self.iov.clear();
+        if !iovecs(
+            mem,
+            self.segs.as_slice(),
+            vnet + hdr_len,
+            room,
+            &mut self.iov,
+        ) {
+            self.lost();
+            return SendWith::Dropped;
+        }
+        // The iovecs may cover less than `room` if they ran out of slots.
+        let room: usize = self.iov.iter().map(|v| v.iov_len).sum();
+        let Some(len) = w.payload(&self.iov) else {
+            self.ring.rewind(r.start);
+            return SendWith::Abandoned;
+        };
+        let len = len.min(room);
+        let Some(sum) = sum_guest(mem, self.segs.as_slice(), vnet + hdr_len, len) else {
+            self.lost();
+            return SendWith::Dropped;
+        };
+        let mut hdr = [0u8; MAX_HDR];
+        if !w.header(&mut hdr[..hdr_len], len, sum.value()) {
+            self.ring.rewind(r.start);
+            self.stats.drop_writer += 1;
+            return SendWith::Dropped;
+        }
+        let frame = hdr_len + len;
+        let padded = frame.max(ETH_MIN_FRAME);
+        let total = vnet + padded;
+        let net_hdr = self.net_hdr(self.chains_for(total));
+        const ZEROES: [u8; ETH_MIN_FRAME] = [0; ETH_MIN_FRAME];
+        let segs = self.segs.as_slice();
+        let ok = gather(
+            mem,
+            segs,
+            0,
+            [&net_hdr[..vnet], &hdr[..hdr_len]].into_iter(),
+        ) && gather(
+            mem,
+            segs,
+            vnet + frame,
+            std::iter::once(&ZEROES[..padded - frame]),
+        );
+        if !ok {
+            self.lost();
+            return SendWith::Dropped;
+        }
+        self.commit(&r, total, frame);
+        SendWith::Sent(len)
     }
 
     /// Returns a bad chain, and those reserved before it, with length 0.
@@ -368,11 +599,18 @@ impl RxRing {
     }
 }
 
-/// Copies `pieces` back to back into `segs`. `false` if memory access failed or the
-/// segments were too short (neither happens for validated, reserved chains).
-fn gather<'p>(mem: &GuestMemoryMmap, segs: &[Seg], pieces: impl Iterator<Item = &'p [u8]>) -> bool {
-    let mut si = 0;
-    let mut off = 0usize;
+/// Copies `pieces` back to back into `segs`, from byte `at` of the segments on. `false` if
+/// memory access failed or the segments were too short (neither happens for validated,
+/// reserved chains).
+fn gather<'p>(
+    mem: &GuestMemoryMmap,
+    segs: &[Seg],
+    at: usize,
+    pieces: impl Iterator<Item = &'p [u8]>,
+) -> bool {
+    let Some((mut si, mut off)) = locate(segs, at) else {
+        return false;
+    };
     for piece in pieces {
         let mut p = piece;
         while !p.is_empty() {
@@ -395,6 +633,83 @@ fn gather<'p>(mem: &GuestMemoryMmap, segs: &[Seg], pieces: impl Iterator<Item = 
         }
     }
     true
+}
+
+/// Segment index and offset in it of byte `at` of `segs` (`at` may be their end).
+fn locate(segs: &[Seg], mut at: usize) -> Option<(usize, usize)> {
+    for (i, s) in segs.iter().enumerate() {
+        if at < s.len as usize {
+            return Some((i, at));
+        }
+        at -= s.len as usize;
+    }
+    (at == 0).then_some((segs.len(), 0))
+}
+
+/// Raw iovecs for `len` bytes of `segs` from byte `at` on, split where guest memory regions
+/// end. Stops early (still `true`) when `out` is full; `false` if memory is missing.
+fn iovecs(
+    mem: &GuestMemoryMmap,
+    segs: &[Seg],
+    at: usize,
+    mut len: usize,
+    out: &mut Vec<libc::iovec>,
+) -> bool {
+    let Some((si, mut off)) = locate(segs, at) else {
+        return false;
+    };
+    for s in &segs[si..] {
+        if len == 0 {
+            break;
+        }
+        let n = (s.len as usize - off).min(len);
+        for slice in mem.get_slices(s.addr.unchecked_add(off as u64), n) {
+            let Ok(slice) = slice else {
+                return false;
+            };
+            if out.len() == out.capacity() {
+                return true;
+            }
+            // SAFETY of what is built here: the pointer is the host mapping of guest memory
+            // we hold mapped (the `GuestMemoryMmap` in the ring) for as long as the iovecs
+            // live (they are cleared before the next reservation, and memory can only change
+            // between calls). It is handed to the kernel as a raw iovec, never turned into a
+            // Rust reference: the guest may write the same bytes concurrently.
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+        len -= n;
+        off = 0;
+    }
+    true
+}
+
+/// The RFC 1071 sum of `len` bytes of `segs` from byte `at` on, read with volatile copies
+/// (the guest may write these bytes while we read them: the sum is then wrong and the guest
+/// drops its own corrupted frame, which is all it can expect).
+fn sum_guest(mem: &GuestMemoryMmap, segs: &[Seg], at: usize, mut len: usize) -> Option<PartialSum> {
+    let (si, mut off) = locate(segs, at)?;
+    let mut sum = PartialSum::default();
+    let mut chunk = [0u8; 1024];
+    for s in &segs[si..] {
+        if len == 0 {
+            break;
+        }
+        let n = (s.len as usize - off).min(len);
+        let mut done = 0;
+        while done < n {
+            let k = (n - done).min(chunk.len());
+            mem.read_slice(&mut chunk[..k], s.addr.unchecked_add((off + done) as u64))
+                .ok()?;
+            sum.add(&chunk[..k]);
+            done += k;
+        }
+        len -= n;
+        off = 0;
+    }
+    (len == 0).then_some(sum)
 }
 
 impl Pending {
@@ -745,6 +1060,206 @@ mod tests {
         assert!(!rx.send(&[&big]));
         assert!(!rx.send(&[]));
         assert_eq!(rx.stats().drop_too_big, 2);
+    }
+
+    /// Writes `data` (cut to the room) as payload and `hdr_len` bytes of 0xee as header;
+    /// records what the back-end offered.
+    struct TestWriter {
+        data: Vec<u8>,
+        give_up: bool,
+        room: usize,
+        got: Option<(usize, u16)>,
+    }
+
+    impl TestWriter {
+        fn new(data: Vec<u8>) -> Self {
+            TestWriter {
+                data,
+                give_up: false,
+                room: 0,
+                got: None,
+            }
+        }
+    }
+
+    impl FrameWriter for TestWriter {
+        fn payload(&mut self, room: &[libc::iovec]) -> Option<usize> {
+            self.room = room.iter().map(|v| v.iov_len).sum();
+            if self.give_up {
+                return None;
+            }
+            let mut n = 0;
+            for v in room {
+                let k = v.iov_len.min(self.data.len() - n);
+                // SAFETY: test memory, no guest running; the iovec is lent for writing.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.data[n..].as_ptr(), v.iov_base.cast(), k)
+                };
+                n += k;
+            }
+            Some(n)
+        }
+        fn header(&mut self, hdr: &mut [u8], len: usize, sum: u16) -> bool {
+            hdr.fill(0xee);
+            self.got = Some((len, sum));
+            true
+        }
+    }
+
+    const HDR: usize = 42;
+
+    #[test]
+    fn in_place_partial_fill_gives_back_the_rest() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, mut call) = started(&mem, &d, mrg(false));
+        let bufs: Vec<_> = (0..4).map(|_| d.rx_buf(1024)).collect();
+        let data = frame(100, 7);
+        let mut w = TestWriter::new(data.clone());
+        assert_eq!(rx.send_with(HDR, 1, 3000, &mut w), SendWith::Sent(100));
+        assert_eq!(w.room, 3000, "room for the whole maximum, over 4 buffers");
+        assert_eq!(w.got, Some((100, PartialSum::of(&data).value())));
+        assert_eq!(rx.rx.ring.next_avail(), 1, "unused buffers rewound");
+        assert_eq!(d.used_idx(), 0);
+        rx.flush();
+        assert_eq!(d.used_idx(), 1);
+        assert_eq!(take(&mut call), 1);
+        let (got, n) = read_frame(&d, &bufs, 0);
+        assert_eq!(n, 1);
+        assert!(got[..HDR].iter().all(|&b| b == 0xee));
+        assert_eq!(&got[HDR..], &data[..]);
+        // The next frame takes the next buffer.
+        let mut w = TestWriter::new(frame(10, 1));
+        assert_eq!(rx.send_with(HDR, 1, 10, &mut w), SendWith::Sent(10));
+        rx.flush();
+        let (got, _) = read_frame(&d, &bufs, 1);
+        assert_eq!(got.len(), ETH_MIN_FRAME, "padded");
+        assert_eq!(&got[HDR..HDR + 10], &frame(10, 1)[..]);
+        assert!(got[HDR + 10..].iter().all(|&b| b == 0));
+        assert_eq!(d.used_elem(1).0, u32::from(bufs[1].0));
+    }
+
+    #[test]
+    fn in_place_mergeable_spread_sets_num_buffers() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        let bufs: Vec<_> = (0..5).map(|_| d.rx_buf(1024)).collect();
+        let data = frame(2500, 3);
+        let mut w = TestWriter::new(data.clone());
+        assert_eq!(rx.send_with(HDR, 1, 4000, &mut w), SendWith::Sent(2500));
+        assert_eq!(rx.rx.ring.next_avail(), 3, "2554 bytes over 3 buffers");
+        rx.flush();
+        assert_eq!(d.used_idx(), 3);
+        let (got, n) = read_frame(&d, &bufs, 0);
+        assert_eq!(n, 3);
+        assert_eq!(&got[HDR..], &data[..]);
+        assert_eq!(w.got, Some((2500, PartialSum::of(&data).value())));
+        assert_eq!(rx.stats().buffers, 3);
+    }
+
+    #[test]
+    fn in_place_abandoned_frame_leaves_the_ring_as_it_was() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        d.rx_buf(1024);
+        d.rx_buf(1024);
+        let mut w = TestWriter::new(vec![]);
+        w.give_up = true;
+        assert_eq!(rx.send_with(HDR, 1, 1500, &mut w), SendWith::Abandoned);
+        assert_eq!(rx.rx.ring.next_avail(), 0);
+        rx.flush();
+        assert_eq!(d.used_idx(), 0);
+        assert_eq!(rx.stats().frames, 0);
+    }
+
+    #[test]
+    fn in_place_takes_less_than_the_maximum_when_the_ring_is_short() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        d.rx_buf(1024);
+        d.rx_buf(1024);
+        let mut w = TestWriter::new(frame(60000, 1));
+        assert_eq!(
+            rx.send_with(HDR, 500, 60000, &mut w),
+            SendWith::Sent(2048 - NET_HDR_LEN - HDR)
+        );
+        assert_eq!(rx.rx.ring.next_avail(), 2);
+        // Too little left for the minimum: no room, and a kick is asked for.
+        let mut w = TestWriter::new(frame(100, 1));
+        assert_eq!(rx.send_with(HDR, 500, 600, &mut w), SendWith::NoRoom);
+        assert_eq!(w.room, 0, "writer not called");
+        assert_eq!(d.avail_event(), 2);
+    }
+
+    #[test]
+    fn in_place_ring_running_dry_mid_batch_then_room_returns_on_kick() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        let mut bufs: Vec<_> = (0..2).map(|_| d.rx_buf(1024)).collect();
+        let mut sent = 0;
+        for i in 0..4u8 {
+            let mut w = TestWriter::new(frame(900, i));
+            match rx.send_with(HDR, 900, 900, &mut w) {
+                SendWith::Sent(900) => sent += 1,
+                SendWith::NoRoom => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(sent, 2);
+        assert_eq!(rx.rx.ring.next_avail(), 2);
+        assert!(!rx.room_returned(), "no buffers came yet");
+        rx.flush();
+        assert_eq!(d.used_idx(), 2);
+        bufs.push(d.rx_buf(1024));
+        rx.handle_kick();
+        assert!(rx.room_returned());
+        assert!(!rx.room_returned(), "reported once");
+        let mut w = TestWriter::new(frame(900, 2));
+        assert_eq!(rx.send_with(HDR, 900, 900, &mut w), SendWith::Sent(900));
+        rx.flush();
+        assert_eq!(read_frame(&d, &bufs, 2).0[HDR..], frame(900, 2)[..]);
+    }
+
+    #[test]
+    fn in_place_waits_behind_pending_frames() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        assert!(rx.send(&[&frame(100, 0)]), "queued: no buffers");
+        let mut w = TestWriter::new(frame(100, 1));
+        assert_eq!(rx.send_with(HDR, 1, 100, &mut w), SendWith::NoRoom);
+        let bufs = vec![d.rx_buf(1024), d.rx_buf(1024)];
+        rx.handle_kick();
+        assert!(rx.room_returned());
+        assert_eq!(rx.send_with(HDR, 1, 100, &mut w), SendWith::Sent(100));
+        rx.flush();
+        assert_eq!(read_frame(&d, &bufs, 0).0, frame(100, 0), "in order");
+        assert_eq!(read_frame(&d, &bufs, 1).0[HDR..], frame(100, 1)[..]);
+    }
+
+    #[test]
+    fn in_place_non_mergeable_offers_one_chain() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let feat = NetFeatures {
+            event_idx: false,
+            mrg_rxbuf: false,
+            hdr_len: NET_HDR_LEN,
+        };
+        let (mut rx, _call) = started(&mem, &d, feat);
+        let bufs = vec![d.rx_buf(1600), d.rx_buf(1600)];
+        let mut w = TestWriter::new(frame(3000, 1));
+        assert_eq!(
+            rx.send_with(HDR, 1, 3000, &mut w),
+            SendWith::Sent(1600 - NET_HDR_LEN - HDR)
+        );
+        assert_eq!(rx.rx.ring.next_avail(), 1);
+        rx.flush();
+        assert_eq!(read_frame(&d, &bufs, 0).1, 1);
     }
 
     #[test]
