@@ -19,7 +19,7 @@ use crate::l2::{self, Verdict, REPLY_BUF_LEN};
 use crate::logger::Limiter;
 use crate::tap::{FrameHandler, ToGuest};
 use crate::tcp::{Macs, Tcp, TcpConfig};
-use crate::udp::{Udp, UdpConfig, UdpFlowIdx};
+use crate::udp::{Udp, UdpConfig};
 
 const DHCP_SERVER_PORT: u16 = 67;
 const DHCPV6_SERVER_PORT: u16 = 547;
@@ -209,7 +209,7 @@ impl Engine {
     }
 
     /// A UDP flow socket is readable, or (`err`) reports an error.
-    pub fn udp_sock_ready(&mut self, idx: UdpFlowIdx, err: bool, to_guest: &mut dyn ToGuest) {
+    pub fn udp_sock_ready(&mut self, idx: FlowIdx, err: bool, to_guest: &mut dyn ToGuest) {
         if let Some(udp) = self.udp.as_mut() {
             udp.from_sock(
                 idx,

@@ -17,7 +17,7 @@ use crate::engine::Engine;
 use crate::flow::FlowIdx;
 use crate::tap::stream::{StreamEvent, StreamTap};
 use crate::tap::{Discard, ToGuest};
-use crate::udp::{UdpConfig, UdpFlowIdx};
+use crate::udp::UdpConfig;
 use crate::vhost_user::{Device, DeviceOptions, Outcome, Source};
 use crate::virtio::QueueIdx;
 
@@ -35,7 +35,7 @@ pub enum Token {
     VhostKick(QueueIdx),
     IcmpSock(FlowIdx),
     TcpSock(FlowIdx),
-    UdpSock(UdpFlowIdx),
+    UdpSock(FlowIdx),
     /// A listening socket of a forwarded TCP port, by its index.
     TcpListen(u32),
     /// A bound socket of a forwarded UDP port, by its index.
@@ -71,7 +71,7 @@ impl Token {
             5 => Token::VhostCtrl,
             6 => Token::VhostKick(QueueIdx(idx as u16)),
             7 => Token::TcpSock(FlowIdx(idx)),
-            8 => Token::UdpSock(UdpFlowIdx(idx)),
+            8 => Token::UdpSock(FlowIdx(idx)),
             9 => Token::TcpListen(idx),
             10 => Token::UdpListen(idx),
             _ => return None,
@@ -619,7 +619,7 @@ mod tests {
             Token::VhostCtrl,
             Token::VhostKick(QueueIdx(1)),
             Token::TcpSock(FlowIdx((1 << 24) - 1)),
-            Token::UdpSock(UdpFlowIdx(4095)),
+            Token::UdpSock(FlowIdx(4095)),
             Token::TcpListen(65535),
             Token::UdpListen(65535),
         ] {

@@ -344,26 +344,14 @@ impl Icmp {
     /// Closes flows idle for [`IDLE_TIMEOUT`]. Dropping the socket also removes it from
     /// epoll.
     pub fn expire(&mut self, now: Instant) {
-        let mut idle = [FlowIdx(0); 64];
-        loop {
-            // Collected in bounded batches: the table can't be changed while iterated.
-            let mut n = 0;
-            for idx in self.flows.indices() {
-                let stale = self
-                    .flows
-                    .get(idx)
-                    .is_some_and(|f| now.duration_since(f.last_used) >= IDLE_TIMEOUT);
-                if stale && n < idle.len() {
-                    idle[n] = idx;
-                    n += 1;
-                }
-            }
-            for &idx in &idle[..n] {
-                self.flows.remove(idx);
+        for i in 0..self.flows.high_water() {
+            let idx = FlowIdx(i);
+            let idle = self
+                .flows
+                .get(idx)
+                .is_some_and(|f| now.duration_since(f.last_used) >= IDLE_TIMEOUT);
+            if idle && self.flows.remove(idx).is_some() {
                 self.stats.flows_expired += 1;
-            }
-            if n < idle.len() {
-                return;
             }
         }
     }

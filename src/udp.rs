@@ -53,7 +53,6 @@
 //! the flow's connected socket. Not yet: `sendmmsg` towards the host (datagrams go out one
 //! `send` each).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
@@ -66,6 +65,7 @@ use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use crate::conf::{Config, Nat};
 use crate::event::{Register, Token};
+use crate::flow::{FlowIdx, FlowKey, FlowTable};
 use crate::logger::Limiter;
 use crate::tap::{FrameWriter, SendWith, ToGuest, MAX_FRAME};
 use crate::wire;
@@ -87,10 +87,6 @@ const DNS_PORT: u16 = 53;
 /// keeps the error within the minimum MTU of the family.
 const ICMP4_QUOTE: usize = 576 - wire::IPV4_HLEN - 8;
 const ICMP6_QUOTE: usize = 1280 - wire::IPV6_HLEN - 8;
-
-/// A flow's position in the table, carried in its socket's epoll token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct UdpFlowIdx(pub u32);
 
 /// What the UDP translation needs from the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +115,21 @@ struct Key {
     remote: SocketAddr,
 }
 
+impl Key {
+    /// The key of the shared flow table.
+    fn flow_key(self) -> FlowKey {
+        FlowKey {
+            proto: libc::IPPROTO_UDP as u8,
+            guest_addr: self.guest.ip(),
+            guest_port: self.guest.port(),
+            remote_addr: self.remote.ip(),
+            remote_port: self.remote.port(),
+        }
+    }
+}
+
 struct Flow {
+    /// The table's key, in socket-address form (set once, as the table's).
     key: Key,
     /// The other end on the host: the target of an outbound flow, the client of a
     /// forwarded one.
@@ -166,10 +176,7 @@ pub struct Udp {
     fwd_nat: crate::fwd::Nat,
     /// Bound sockets of forwarded ports, by the index in their epoll token.
     listeners: Vec<crate::fwd::Listener>,
-    flows: Vec<Option<Flow>>,
-    by_key: HashMap<Key, UdpFlowIdx>,
-    /// Free slots, lowest on top.
-    free: Vec<u32>,
+    flows: FlowTable<Flow>,
     stats: UdpStats,
     log_limit: Limiter,
     /// Flows muted for lack of room towards the guest.
@@ -186,9 +193,7 @@ impl Udp {
             fwd_nat: cfg.fwd_nat.clone(),
             cfg,
             listeners: Vec::new(),
-            flows: (0..MAX_FLOWS).map(|_| None).collect(),
-            by_key: HashMap::with_capacity(MAX_FLOWS),
-            free: (0..MAX_FLOWS as u32).rev().collect(),
+            flows: FlowTable::new(MAX_FLOWS),
             stats: UdpStats::default(),
             log_limit: Limiter::new(),
             muted: 0,
@@ -203,7 +208,7 @@ impl Udp {
     }
 
     pub fn active_flows(&self) -> usize {
-        self.by_key.len()
+        self.flows.len()
     }
 
     /// A guest UDP datagram in an IPv4 packet (`ip` starts at the IP header).
@@ -262,8 +267,8 @@ impl Udp {
             guest: SocketAddr::new(src, sport),
             remote: SocketAddr::new(dst, dport),
         };
-        let idx = match self.by_key.get(&key) {
-            Some(&idx) => idx,
+        let idx = match self.flows.lookup(&key.flow_key()) {
+            Some(idx) => idx,
             None => match self.open(key, now, reg) {
                 Some(idx) => idx,
                 None => {
@@ -272,7 +277,7 @@ impl Udp {
                 }
             },
         };
-        let Some(flow) = self.flows.get_mut(idx.0 as usize).and_then(Option::as_mut) else {
+        let Some(flow) = self.flows.get_mut(idx) else {
             return;
         };
         flow.last_used = now;
@@ -328,7 +333,7 @@ impl Udp {
         }
     }
 
-    fn open(&mut self, key: Key, now: Instant, reg: &mut dyn Register) -> Option<UdpFlowIdx> {
+    fn open(&mut self, key: Key, now: Instant, reg: &mut dyn Register) -> Option<FlowIdx> {
         let Some(target) = self.target(key.remote) else {
             crate::limited!(
                 self.log_limit,
@@ -350,9 +355,9 @@ impl Udp {
         port: u16,
         now: Instant,
         reg: &mut dyn Register,
-    ) -> Option<UdpFlowIdx> {
+    ) -> Option<FlowIdx> {
         let target = host_peer;
-        let Some(&slot) = self.free.last() else {
+        if self.flows.is_full() {
             self.stats.table_full += 1;
             crate::limited!(
                 self.log_limit,
@@ -361,7 +366,7 @@ impl Udp {
                 "udp: flow table full ({MAX_FLOWS} flows), dropping datagram"
             );
             return None;
-        };
+        }
         let sock = match flow_socket(target, port) {
             Ok(s) => s,
             Err(e) => {
@@ -377,12 +382,18 @@ impl Udp {
                 return None;
             }
         };
-        let idx = UdpFlowIdx(slot);
-        if let Err(e) = reg.add(
-            sock.as_raw_fd(),
-            epoll::Events::EPOLLIN,
-            Token::UdpSock(idx),
-        ) {
+        let fd = sock.as_raw_fd();
+        let flow = Flow {
+            key,
+            host_peer,
+            sock,
+            last_used: now,
+            muted: false,
+            ovfl: 0,
+        };
+        let idx = self.flows.insert(key.flow_key(), flow).ok()?;
+        if let Err(e) = reg.add(fd, epoll::Events::EPOLLIN, Token::UdpSock(idx)) {
+            self.flows.remove(idx);
             crate::limited!(
                 self.log_limit,
                 now,
@@ -391,19 +402,10 @@ impl Udp {
             );
             return None;
         }
-        self.free.pop();
-        self.flows[slot as usize] = Some(Flow {
-            key,
-            host_peer,
-            sock,
-            last_used: now,
-            muted: false,
-            ovfl: 0,
-        });
-        self.by_key.insert(key, idx);
         self.stats.flows_opened += 1;
         log::debug!(
-            "udp: flow {slot}: {} -> {} (host side {target})",
+            "udp: flow {}: {} -> {} (host side {target})",
+            idx.0,
             key.guest,
             key.remote
         );
@@ -481,8 +483,8 @@ impl Udp {
                 guest: SocketAddr::new(dst, guest_port),
                 remote: SocketAddr::new(src, client.port()),
             };
-            let idx = match self.by_key.get(&key) {
-                Some(&idx) => idx,
+            let idx = match self.flows.lookup(&key.flow_key()) {
+                Some(idx) => idx,
                 None => match self.open_socket(key, client, host_port, now, reg) {
                     Some(idx) => idx,
                     None => {
@@ -491,7 +493,7 @@ impl Udp {
                     }
                 },
             };
-            if let Some(f) = self.flows.get_mut(idx.0 as usize).and_then(Option::as_mut) {
+            if let Some(f) = self.flows.get_mut(idx) {
                 f.last_used = now;
             }
             self.deliver(key, len, macs, to_guest);
@@ -540,7 +542,7 @@ impl Udp {
     #[allow(clippy::too_many_arguments)]
     pub fn from_sock(
         &mut self,
-        idx: UdpFlowIdx,
+        idx: FlowIdx,
         err: bool,
         now: Instant,
         guest_mac: [u8; 6],
@@ -548,7 +550,7 @@ impl Udp {
         reg: &mut dyn Register,
         to_guest: &mut dyn ToGuest,
     ) {
-        let Some(flow) = self.flows.get_mut(idx.0 as usize).and_then(Option::as_mut) else {
+        let Some(flow) = self.flows.get_mut(idx) else {
             return;
         };
         let key = flow.key;
@@ -594,7 +596,7 @@ impl Udp {
             let res = to_guest.send_with(hdr_len, want, want, &mut w);
             let (got, ovfl) = (w.res, w.ovfl);
             if let Some(o) = ovfl {
-                if let Some(f) = self.flows[idx.0 as usize].as_mut() {
+                if let Some(f) = self.flows.get_mut(idx) {
                     self.stats.sock_drops += u64::from(o.wrapping_sub(f.ovfl));
                     f.ovfl = o;
                 }
@@ -628,7 +630,7 @@ impl Udp {
             }
         }
         if got_any {
-            if let Some(f) = self.flows[idx.0 as usize].as_mut() {
+            if let Some(f) = self.flows.get_mut(idx) {
                 f.last_used = now;
             }
         }
@@ -638,8 +640,8 @@ impl Udp {
     }
 
     /// Stops reading a flow's socket until room towards the guest comes back.
-    fn mute(&mut self, idx: UdpFlowIdx, reg: &mut dyn Register) {
-        let Some(f) = self.flows.get_mut(idx.0 as usize).and_then(Option::as_mut) else {
+    fn mute(&mut self, idx: FlowIdx, reg: &mut dyn Register) {
+        let Some(f) = self.flows.get_mut(idx) else {
             return;
         };
         if f.muted {
@@ -665,11 +667,12 @@ impl Udp {
         if self.muted == 0 {
             return;
         }
-        for (i, slot) in self.flows.iter_mut().enumerate() {
-            let Some(f) = slot.as_mut().filter(|f| f.muted) else {
+        for i in 0..self.flows.high_water() {
+            let idx = FlowIdx(i);
+            let Some(f) = self.flows.get_mut(idx).filter(|f| f.muted) else {
                 continue;
             };
-            let tok = Token::UdpSock(UdpFlowIdx(i as u32));
+            let tok = Token::UdpSock(idx);
             if reg
                 .modify(f.sock.as_raw_fd(), epoll::Events::EPOLLIN, tok)
                 .is_ok()
@@ -741,19 +744,20 @@ impl Udp {
     /// from epoll.
     pub fn expire(&mut self, now: Instant) {
         let timeout = self.cfg.idle_timeout;
-        for (i, slot) in self.flows.iter_mut().enumerate() {
-            if slot
-                .as_ref()
-                .is_some_and(|f| now.saturating_duration_since(f.last_used) >= timeout)
-            {
-                if let Some(f) = slot.take() {
-                    if f.muted {
-                        self.muted -= 1;
-                    }
-                    self.by_key.remove(&f.key);
-                    self.free.push(i as u32);
-                    self.stats.flows_expired += 1;
+        for i in 0..self.flows.high_water() {
+            let idx = FlowIdx(i);
+            let idle = self
+                .flows
+                .get(idx)
+                .is_some_and(|f| now.saturating_duration_since(f.last_used) >= timeout);
+            if !idle {
+                continue;
+            }
+            if let Some(f) = self.flows.remove(idx) {
+                if f.muted {
+                    self.muted -= 1;
                 }
+                self.stats.flows_expired += 1;
             }
         }
     }
@@ -1350,7 +1354,7 @@ mod tests {
         server.send_to(b"pong!", from).unwrap();
         let mut sink = Sink(Vec::new());
         // The socket is readable by now or shortly: block in poll rather than sleep.
-        let fd = u.flows[0].as_ref().unwrap().sock.as_raw_fd();
+        let fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -1359,7 +1363,7 @@ mod tests {
         // SAFETY: one valid pollfd.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
         u.from_sock(
-            UdpFlowIdx(0),
+            FlowIdx(0),
             false,
             t0 + Duration::from_secs(100),
             [1; 6],
@@ -1383,7 +1387,7 @@ mod tests {
         u.expire(t0 + Duration::from_secs(280));
         assert_eq!(u.active_flows(), 0);
         assert_eq!(u.stats().flows_expired, 1);
-        assert_eq!(u.free.last(), Some(&0), "slot reusable");
+        assert!(u.flows.get(FlowIdx(0)).is_none(), "slot freed");
     }
 
     fn server_free_port() -> u16 {
@@ -1403,7 +1407,7 @@ mod tests {
         let d = dgram4(GUEST4, GW4, 40000, closed, b"anyone?");
         let t0 = Instant::now();
         u.from_guest_v4(&d, t0, &mut NoReg);
-        let fd = u.flows[0].as_ref().unwrap().sock.as_raw_fd();
+        let fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -1413,15 +1417,7 @@ mod tests {
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
         assert!(pfd.revents & libc::POLLERR != 0);
         let mut sink = Sink(Vec::new());
-        u.from_sock(
-            UdpFlowIdx(0),
-            true,
-            t0,
-            [1; 6],
-            [2; 6],
-            &mut NoReg,
-            &mut sink,
-        );
+        u.from_sock(FlowIdx(0), true, t0, [1; 6], [2; 6], &mut NoReg, &mut sink);
         assert_eq!(sink.0.len(), 1, "one ICMP error");
         let ip = Ipv4Packet::new_checked(&sink.0[0][14..]).unwrap();
         assert!(ip.verify_checksum());
@@ -1521,7 +1517,7 @@ mod tests {
         );
         let mut rx = [0u8; 16];
         let (_, flow) = peer.recv_from(&mut rx).unwrap();
-        let flow_fd = u.flows[0].as_ref().unwrap().sock.as_raw_fd();
+        let flow_fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
         let mut g = LateArrival {
             frames: Vec::new(),
             peer: &peer,
@@ -1530,11 +1526,11 @@ mod tests {
             sent: false,
         };
         let macs = ([1; 6], [2; 6]);
-        u.from_sock(UdpFlowIdx(0), false, t0, macs.0, macs.1, &mut NoReg, &mut g);
+        u.from_sock(FlowIdx(0), false, t0, macs.0, macs.1, &mut NoReg, &mut g);
         // Not asked for a frame while the queue was empty: the datagram comes now, and
         // epoll (level-triggered) reports the socket again.
         g.arrive();
-        u.from_sock(UdpFlowIdx(0), false, t0, macs.0, macs.1, &mut NoReg, &mut g);
+        u.from_sock(FlowIdx(0), false, t0, macs.0, macs.1, &mut NoReg, &mut g);
         assert_eq!(u.stats().too_big, 0, "received into no room");
         assert_eq!(g.frames.len(), 1);
         let ip = Ipv4Packet::new_checked(&g.frames[0][14..]).unwrap();
@@ -1561,7 +1557,7 @@ mod tests {
         assert_eq!(n, 0);
         peer.send_to(b"", flow).unwrap();
         peer.send_to(b"after", flow).unwrap();
-        let flow_fd = u.flows[0].as_ref().unwrap().sock.as_raw_fd();
+        let flow_fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
         wait_readable(flow_fd);
         let mut g = LateArrival {
             frames: Vec::new(),
@@ -1574,7 +1570,7 @@ mod tests {
         // Both datagrams were sent before: on loopback they are queued by now, but poll
         // only said the first is; read until both came, as epoll would report.
         for _ in 0..100 {
-            u.from_sock(UdpFlowIdx(0), false, t0, [1; 6], [2; 6], &mut NoReg, &mut g);
+            u.from_sock(FlowIdx(0), false, t0, [1; 6], [2; 6], &mut NoReg, &mut g);
             if g.frames.len() == 2 {
                 break;
             }

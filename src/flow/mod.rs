@@ -1,6 +1,6 @@
 //! The flow table: every translated layer-4 conversation between the guest and a host
-//! socket, under one index, whatever its protocol. TCP uses it now; UDP and ICMP are meant
-//! to move onto it.
+//! socket, under one index, whatever its protocol. TCP, UDP and ICMP each keep a table of
+//! their own flows of this type (one per protocol: each has its own bound and state).
 //!
 //! # Invariants
 //! - **Fixed capacity.** The table never holds more than `capacity` flows; inserting into a
