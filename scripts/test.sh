@@ -10,6 +10,7 @@ scripts/deps.sh
 cargo fmt --all -- --check
 cargo fmt --manifest-path tests/guest/tool/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 RUSTFLAGS="-C target-feature=+crt-static" cargo clippy --quiet --release \
   --manifest-path tests/guest/tool/Cargo.toml --target-dir target/gtool -- -D warnings
 tests/guest/build.sh >/dev/null

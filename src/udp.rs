@@ -48,7 +48,7 @@
 //! dropped and counted. The receive buffers serve every flow: nothing is allocated per
 //! datagram. Host datagrams of a flow are received one `recvmsg` each straight into the
 //! frame the guest back-end lends (guest memory in vhost-user mode), at most
-//! [`RECV_BUDGET`] per readiness event. A forwarded port's first datagram from a client is
+//! `RECV_BUDGET` per readiness event. A forwarded port's first datagram from a client is
 //! read through our buffer (its source picks the flow); the client's later ones arrive on
 //! the flow's connected socket. Not yet: `sendmmsg` towards the host (datagrams go out one
 //! `send` each).
