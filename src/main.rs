@@ -48,6 +48,12 @@ fn run(args: &Args) -> Result<(), String> {
         log::info!("{note}");
     }
     log_config(&cfg);
+    if let Some(p) = &args.pcap {
+        log::warn!(
+            "--pcap {}: packet capture is not implemented yet, nothing is written",
+            p.display()
+        );
+    }
     // Forwarded ports are bound before the socket is announced and before we go to the
     // background: a failure is fatal, and a client may connect once we say we're ready.
     let (forwards, fwd_notes) = passt::fwd::Bound::open(&cfg).map_err(|e| error_chain(&e))?;
