@@ -8,21 +8,38 @@
 //! After a warm-up (first flow, first reply: setup may allocate), the steady state must not
 //! allocate: the target is zero allocations per packet.
 //!
+//! The vhost-user device is measured the same way: the `vhost` crate's front-end sets the
+//! device up from a helper thread (tests/common/vring.rs), then this thread plays the guest on
+//! the rings, calls the device and the engine as the event loop would, and counts those calls
+//! only. A TCP echo through a server on the host's loopback (the gateway address, mapped)
+//! carries data both ways.
+//!
 //! ICMP needs ping sockets and a loopback to ping, so the measurement runs in a child process
 //! inside `unshare -Urn` (a fresh user and network namespace: nothing leaves it).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::tcp_guest::{self, FrameLink};
+use common::vring::{pollfd, Guest, Ring, RingLink, Vmm, ALL};
 use passt::conf::{Ip4, NetConfig};
 use passt::engine::Engine;
 use passt::event::{EpollRegistrar, Token};
+use passt::fwd::Nat;
 use passt::tap::stream::StreamTap;
+use passt::tcp::{TcpConfig, FAST_TIMER};
+use passt::vhost_user::{Device, DeviceOptions, Outcome, Source};
+use passt::virtio::QueueIdx;
+use vmm_sys_util::eventfd::EventFd;
 
 struct Counting;
 
@@ -152,6 +169,29 @@ fn take(sock: &mut UnixStream, n: usize) -> Vec<u16> {
     types
 }
 
+fn net() -> NetConfig {
+    NetConfig {
+        ip4: Some(Ip4 {
+            addr: "192.0.2.2".parse().expect("addr"),
+            prefix_len: 24,
+            gateway: "192.0.2.1".parse().expect("addr"),
+            dns: vec![],
+        }),
+        ..NetConfig::default()
+    }
+}
+
+/// The engine of these tests (ICMP on) and its epoll set.
+fn engine() -> (Engine, i32) {
+    // SAFETY: plain syscall.
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(epfd >= 0);
+    (
+        Engine::new(net(), true, EpollRegistrar { epoll_fd: epfd }),
+        epfd,
+    )
+}
+
 struct Rig {
     tap: StreamTap,
     guest: UnixStream,
@@ -165,22 +205,11 @@ impl Rig {
         guest
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
-        // SAFETY: plain syscall.
-        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        assert!(epfd >= 0);
-        let net = NetConfig {
-            ip4: Some(Ip4 {
-                addr: "192.0.2.2".parse().expect("addr"),
-                prefix_len: 24,
-                gateway: "192.0.2.1".parse().expect("addr"),
-                dns: vec![],
-            }),
-            ..NetConfig::default()
-        };
+        let (engine, epfd) = engine();
         Rig {
             tap: StreamTap::new(ours).expect("stream tap"),
             guest,
-            engine: Engine::new(net, true, EpollRegistrar { epoll_fd: epfd }),
+            engine,
             epfd,
         }
     }
@@ -205,6 +234,229 @@ impl Rig {
         self.tap.to_guest().flush();
         k
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The vhost-user device and the engine, driven as the event loop drives them.
+
+const RX_KICK: Source = Source::Kick(QueueIdx(0));
+const TX_KICK: Source = Source::Kick(QueueIdx(1));
+
+/// The device and the engine in this thread, and the guest's stocked rings.
+struct VuRig<'g> {
+    dev: Device,
+    engine: Engine,
+    epfd: i32,
+    link: RingLink<'g>,
+    _vmm: Vmm,
+    last_timer: Instant,
+    /// Whether calls into passt-rs are counted now, and what they allocated.
+    count: bool,
+    allocs: u64,
+    bytes: u64,
+}
+
+impl<'g> VuRig<'g> {
+    /// A started device (QEMU's order, all features) with TCP on, RX ring full.
+    fn new(g: &'g Guest) -> VuRig<'g> {
+        let (mut engine, epfd) = engine();
+        engine.enable_tcp(TcpConfig {
+            mtu: None,
+            outbound4: None,
+            outbound6: None,
+            outbound_if4: None,
+            outbound_if6: None,
+            max_flows: 64,
+            nat: Nat::from_net(&net()),
+        });
+        // As the event loop runs it.
+        let mut dev = Device::new(DeviceOptions {
+            tx_copy: true,
+            ..DeviceOptions::default()
+        });
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        dev.attach(ours);
+        let (rx, tx) = (Ring::rx(g), Ring::tx(g));
+        let done = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let vmm = std::thread::scope(|s| {
+            let (rx, tx, done) = (&rx, &tx, &done);
+            let fe = s.spawn(move || {
+                let mut v = Vmm::over(theirs);
+                v.start_qemu(g, rx, tx, ALL);
+                done.write(1).expect("done");
+                v
+            });
+            // The front-end waits for each reply: serve its messages until it is done.
+            loop {
+                let ctrl = dev
+                    .watched_fds()
+                    .find(|&(_, s)| s == Source::Control)
+                    .map(|(fd, _)| fd)
+                    .expect("control socket");
+                let mut p = [pollfd(done.as_raw_fd()), pollfd(ctrl)];
+                // SAFETY: a valid array of two pollfd.
+                let n = unsafe { libc::poll(p.as_mut_ptr(), 2, 10_000) };
+                assert!(n > 0, "front-end stuck");
+                if p[1].revents != 0 {
+                    let out = dev.handle(Source::Control, &mut engine);
+                    assert_ne!(out, Outcome::Disconnected);
+                }
+                if p[0].revents != 0 {
+                    break;
+                }
+            }
+            fe.join().expect("front-end")
+        });
+        let link = RingLink::new(g, rx, tx, 2048);
+        let mut rig = VuRig {
+            dev,
+            engine,
+            epfd,
+            link,
+            _vmm: vmm,
+            last_timer: Instant::now(),
+            count: false,
+            allocs: 0,
+            bytes: 0,
+        };
+        rig.batch(|dev, engine| {
+            engine.guest_attached(dev.to_guest());
+            let _ = dev.handle(RX_KICK, engine);
+        });
+        rig
+    }
+
+    /// One batch of the event loop: the clock, `events`, the TCP timer when due, the retry
+    /// and flush after the batch. Counted if `count` is on.
+    fn batch(&mut self, events: impl FnOnce(&mut Device, &mut Engine)) {
+        let last_timer = &mut self.last_timer;
+        let (dev, engine) = (&mut self.dev, &mut self.engine);
+        let run = || {
+            let now = Instant::now();
+            engine.set_now(now);
+            events(dev, engine);
+            if engine.tcp_wants_fast_timer() && now.duration_since(*last_timer) >= FAST_TIMER {
+                *last_timer = now;
+                engine.tcp_timer(now, dev.to_guest());
+            }
+            let to_guest = dev.to_guest();
+            if to_guest.room_returned() {
+                engine.room_returned(to_guest);
+            }
+            to_guest.flush();
+            if to_guest.room_returned() {
+                engine.room_returned(to_guest);
+                to_guest.flush();
+            }
+        };
+        if self.count {
+            let ((), a, b) = counted(run);
+            self.allocs += a;
+            self.bytes += b;
+        } else {
+            run();
+        }
+    }
+
+    /// Frames through the device: (from the guest, to the guest).
+    fn frames(&self) -> (u64, u64) {
+        let st = self.dev.stats();
+        (st.tx.frames, st.rx.frames)
+    }
+}
+
+impl FrameLink for VuRig<'_> {
+    fn send(&mut self, frame: &[u8]) {
+        self.link.offer(frame);
+        self.batch(|dev, engine| {
+            let _ = dev.handle(TX_KICK, engine);
+        });
+    }
+
+    fn try_recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.link.take() {
+                // Its buffers went back on the ring: the kick the loop would see.
+                self.batch(|dev, engine| {
+                    let _ = dev.handle(RX_KICK, engine);
+                });
+                return Some(f);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let wait = left.min(FAST_TIMER).as_millis().max(1) as i32;
+            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
+            // SAFETY: valid buffer of 16 events.
+            let n = unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), 16, wait) };
+            let ready = &evs[..n.max(0) as usize];
+            self.batch(|dev, engine| {
+                for ev in ready {
+                    let (flags, data) = (ev.events, ev.u64);
+                    if let Some(Token::TcpSock(idx)) = Token::decode(data) {
+                        let flags = epoll::Events::from_bits_truncate(flags);
+                        engine.tcp_sock_ready(idx, flags, dev.to_guest());
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// An echo server on the host's loopback; its port.
+fn echo_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let mut b = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => s.write_all(&b[..n]).expect("echo"),
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    });
+    port
+}
+
+/// A TCP echo through the vhost-user device: returns (frames from and to the guest,
+/// allocations, bytes) over the steady-state part, after a warm-up on the same connection.
+fn vhost_user_tcp_echo() -> ((u64, u64), u64, u64) {
+    let port = echo_server();
+    let g = Guest::new();
+    let mut rig = VuRig::new(&g);
+    let data = tcp_guest::pattern(4 << 20, 4);
+    let warm = 256 << 10;
+    let mut c = tcp_guest::Guest::connect(
+        &mut rig,
+        "192.0.2.2".parse().expect("addr"),
+        "192.0.2.1".parse().expect("addr"),
+        40000,
+        port,
+    )
+    .unwrap_or_else(|s| panic!("connect: {s:?}"));
+    c.send_all(&data[..warm]);
+    let before = c.c.frames();
+    c.c.count = true;
+    c.send_all(&data[warm..]);
+    // And the rest of the echo, before the close (not steady state) starts.
+    while c.rx.len() < data.len() {
+        let s = c.next(tcp_guest::T).expect("echo stalled");
+        if c.handle(&s) {
+            c.ack();
+        }
+    }
+    c.c.count = false;
+    let after = c.c.frames();
+    let frames = (after.0 - before.0, after.1 - before.1);
+    c.send_fin();
+    c.recv_until_fin(true);
+    assert!(c.rx == data, "echo differs: {} bytes back", c.rx.len());
+    (frames, rig.allocs, rig.bytes)
 }
 
 const BATCH: usize = 32;
@@ -308,6 +560,9 @@ fn inner_allocations() {
         Some((a, b, r, (ROUNDS / 4 * BATCH) as f64))
     };
 
+    let ((vu_up, vu_down), vu_allocs, vu_bytes) = vhost_user_tcp_echo();
+    let vu_frames = vu_up + vu_down;
+
     println!(
         "ALLOC arp: {arp_frames} frames, {arp_allocs} allocations ({arp_bytes} bytes): {:.3} per frame",
         arp_allocs as f64 / arp_frames
@@ -323,9 +578,21 @@ fn inner_allocations() {
         );
         assert_eq!(a, 0, "allocations on the ICMP echo path in steady state");
     }
+    println!(
+        "ALLOC vhost-user tcp-echo: {vu_up}+{vu_down} frames from+to the guest, {vu_allocs} allocations ({vu_bytes} bytes): {:.3} per frame",
+        vu_allocs as f64 / vu_frames as f64
+    );
     assert_eq!(
         arp_allocs, 0,
         "allocations on the ARP reply path in steady state"
+    );
+    assert!(
+        vu_up > 0 && vu_down > 100,
+        "too few frames: {vu_up}+{vu_down}"
+    );
+    assert_eq!(
+        vu_allocs, 0,
+        "allocations on the vhost-user TCP path in steady state"
     );
 }
 

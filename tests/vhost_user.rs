@@ -1,34 +1,27 @@
 //! End-to-end tests of the vhost-user-net device: the `vhost` crate's front-end plays the
 //! VMM over a real UNIX socket, guest memory is a memfd mapped by both sides, and a small
-//! split-ring driver in this file plays the guest. The device runs in its own thread with a
+//! split-ring driver (tests/common/vring.rs) plays the guest. The device runs in its own thread with a
 //! `poll()` loop over `Device::watched_fds()`, like the real event loop, and an engine that
 //! records frames from the guest and echoes them back.
 //!
 //! Synchronisation is by events only: the test waits for the call (or error) eventfd the
 //! device writes, with a timeout that only turns a hang into a failure.
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 mod common;
 
+use common::vring::*;
 use passt::tap::{FrameHandler, ToGuest, MAX_FRAME};
 use passt::vhost_user::{Device, DeviceOptions, Outcome, Source, Stats};
-use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vhost::VhostBackend;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 // ---------------------------------------------------------------------------------------
@@ -73,17 +66,6 @@ unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
-
-const MEM_SIZE: usize = 16 << 20;
-const QSIZE: u16 = 256;
-const HDR: usize = 12;
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-const VERSION_1: u64 = 1 << 32;
-const MRG_RXBUF: u64 = 1 << 15;
-const EVENT_IDX: u64 = 1 << 29;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 
 // ---------------------------------------------------------------------------------------
 // The device side: a thread with a poll loop.
@@ -264,406 +246,6 @@ fn serve(
     }
 }
 
-fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-/// Waits until `fd` is readable; false on timeout.
-fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
-    let mut p = pollfd(fd);
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
-    n > 0
-}
-
-// ---------------------------------------------------------------------------------------
-// The guest side: shared memory and a split-ring driver.
-
-struct Guest {
-    mem: GuestMemoryMmap,
-    /// The front-end's address of GPA 0 (our own mapping, as for a VMM).
-    user_base: u64,
-}
-
-impl Guest {
-    fn new() -> Guest {
-        // SAFETY: valid C string; the fd is owned by the File.
-        let fd = unsafe { libc::memfd_create(c"passt-rs-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh descriptor.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(MEM_SIZE as u64).expect("set_len");
-        let mem = GuestMemoryMmap::from_ranges_with_files(&[(
-            GuestAddress(0),
-            MEM_SIZE,
-            Some(FileOffset::new(file, 0)),
-        )])
-        .expect("guest memory");
-        let user_base = mem.get_host_address(GuestAddress(0)).expect("host address") as u64;
-        Guest { mem, user_base }
-    }
-
-    fn region(&self) -> VhostUserMemoryRegionInfo {
-        let r = self.mem.find_region(GuestAddress(0)).expect("region");
-        assert_eq!(r.start_addr(), GuestAddress(0));
-        VhostUserMemoryRegionInfo::from_guest_region(r).expect("region info")
-    }
-}
-
-/// One split virtqueue, driver side.
-struct Ring {
-    index: usize,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    buf_base: u64,
-    buf_next: u64,
-    buf_end: u64,
-    kick: EventFd,
-    call: EventFd,
-    err: EventFd,
-}
-
-impl Ring {
-    fn new(index: usize, base: u64, bufs: u64, buf_len: u64) -> Ring {
-        Ring {
-            index,
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            next_desc: 0,
-            avail_idx: 0,
-            buf_base: bufs,
-            buf_next: bufs,
-            buf_end: bufs + buf_len,
-            kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-            call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-            err: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-        }
-    }
-
-    fn rx(g: &Guest) -> Ring {
-        let r = Ring::new(0, 0x1000, 0x10_0000, 0x70_0000);
-        r.clear(g);
-        r
-    }
-
-    fn tx(g: &Guest) -> Ring {
-        let r = Ring::new(1, 0x8000, 0x80_0000, 0x70_0000);
-        r.clear(g);
-        r
-    }
-
-    fn clear(&self, g: &Guest) {
-        let zero = vec![0u8; 0x3000];
-        g.mem
-            .write_slice(&zero, GuestAddress(self.desc))
-            .expect("clear");
-    }
-
-    fn config(&self, g: &Guest) -> VringConfigData {
-        VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: g.user_base + self.desc,
-            used_ring_addr: g.user_base + self.used,
-            avail_ring_addr: g.user_base + self.avail,
-            log_addr: None,
-        }
-    }
-
-    fn alloc(&mut self, len: u64) -> u64 {
-        let len = len.next_multiple_of(64);
-        if self.buf_next + len > self.buf_end {
-            self.buf_next = self.buf_base;
-        }
-        let a = self.buf_next;
-        self.buf_next += len;
-        a
-    }
-
-    /// Writes descriptors (addr, len, flags, next) at consecutive slots; returns the first.
-    fn put(&mut self, g: &Guest, descs: &[(u64, u32, u16, u16)]) -> u16 {
-        let first = self.next_desc;
-        for &(addr, len, flags, next) in descs {
-            let slot = u64::from(self.next_desc % QSIZE);
-            let a = GuestAddress(self.desc + 16 * slot);
-            g.mem.write_obj(addr, a).expect("desc");
-            g.mem.write_obj(len, GuestAddress(a.0 + 8)).expect("desc");
-            g.mem
-                .write_obj(flags, GuestAddress(a.0 + 12))
-                .expect("desc");
-            g.mem.write_obj(next, GuestAddress(a.0 + 14)).expect("desc");
-            self.next_desc = (self.next_desc + 1) % QSIZE;
-        }
-        first
-    }
-
-    /// A chain holding `data` cut into pieces of at most `piece` bytes.
-    fn chain(&mut self, g: &Guest, data: &[u8], pieces: &[usize], write: bool) -> u16 {
-        let mut descs = Vec::new();
-        let mut off = 0;
-        let mut k = 0;
-        while off < data.len() {
-            let n = pieces[k.min(pieces.len() - 1)].min(data.len() - off);
-            let a = self.alloc(n as u64);
-            g.mem
-                .write_slice(&data[off..off + n], GuestAddress(a))
-                .expect("buf");
-            descs.push((a, n as u32, if write { F_WRITE } else { 0 }, 0u16));
-            off += n;
-            k += 1;
-        }
-        let first = self.next_desc;
-        let last = descs.len() - 1;
-        for (i, d) in descs.iter_mut().enumerate() {
-            if i < last {
-                d.2 |= F_NEXT;
-                d.3 = (first + i as u16 + 1) % QSIZE;
-            }
-        }
-        self.put(g, &descs)
-    }
-
-    fn offer(&mut self, g: &Guest, head: u16) {
-        let slot = u64::from(self.avail_idx % QSIZE);
-        g.mem
-            .write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
-            .expect("avail ring");
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        g.mem
-            .store(
-                self.avail_idx,
-                GuestAddress(self.avail + 2),
-                Ordering::Release,
-            )
-            .expect("avail idx");
-    }
-
-    fn kick(&self) {
-        self.kick.write(1).expect("kick");
-    }
-
-    fn used_idx(&self, g: &Guest) -> u16 {
-        g.mem
-            .load(GuestAddress(self.used + 2), Ordering::Acquire)
-            .expect("used idx")
-    }
-
-    fn used_elem(&self, g: &Guest, i: u16) -> (u16, u32) {
-        let a = self.used + 4 + 8 * u64::from(i % QSIZE);
-        let id: u32 = g.mem.read_obj(GuestAddress(a)).expect("id");
-        let len: u32 = g.mem.read_obj(GuestAddress(a + 4)).expect("len");
-        (id as u16, len)
-    }
-
-    /// Waits until the used index reaches `target`, sleeping on the call eventfd.
-    fn wait_used(&self, g: &Guest, target: u16) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let idx = self.used_idx(g);
-            if idx.wrapping_sub(target) as i16 >= 0 {
-                return;
-            }
-            // EVENT_IDX: interrupt us on the next publication.
-            g.mem
-                .store(
-                    idx,
-                    GuestAddress(self.avail + 4 + 2 * u64::from(QSIZE)),
-                    Ordering::SeqCst,
-                )
-                .expect("used_event");
-            if self.used_idx(g) != idx {
-                continue;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                wait_readable(self.call.as_raw_fd(), left),
-                "ring {}: used index stuck at {idx}, waiting for {target}",
-                self.index
-            );
-            let _ = self.call.read();
-        }
-    }
-}
-
-/// A TX frame: zeroed virtio-net header, then the frame, in pieces.
-fn send_frame(g: &Guest, tx: &mut Ring, frame: &[u8], pieces: &[usize]) {
-    let mut data = vec![0u8; HDR];
-    data.extend_from_slice(frame);
-    let head = tx.chain(g, &data, pieces, false);
-    tx.offer(g, head);
-    tx.kick();
-}
-
-/// Posts `n` RX buffers of `len` bytes; returns (head, address) of each.
-fn post_rx(g: &Guest, rx: &mut Ring, n: usize, len: u32) -> Vec<(u16, u64)> {
-    (0..n)
-        .map(|_| {
-            let a = rx.alloc(u64::from(len));
-            let h = rx.put(g, &[(a, len, F_WRITE, 0)]);
-            rx.offer(g, h);
-            (h, a)
-        })
-        .collect()
-}
-
-/// Reads the frame starting at used element `at`; returns it and its buffer count.
-fn recv_frame(g: &Guest, rx: &Ring, bufs: &[(u16, u64)], at: u16) -> (Vec<u8>, u16) {
-    let addr = |id: u16| {
-        bufs.iter()
-            .find(|(h, _)| *h == id)
-            .map(|&(_, a)| a)
-            .expect("a buffer we posted")
-    };
-    let (id, len) = rx.used_elem(g, at);
-    let mut b = vec![0u8; len as usize];
-    g.mem
-        .read_slice(&mut b, GuestAddress(addr(id)))
-        .expect("read");
-    let n = u16::from_le_bytes([b[10], b[11]]);
-    let mut frame = b[HDR..].to_vec();
-    for k in 1..n {
-        let (id, len) = rx.used_elem(g, at + k);
-        let mut b = vec![0u8; len as usize];
-        g.mem
-            .read_slice(&mut b, GuestAddress(addr(id)))
-            .expect("read");
-        frame.extend_from_slice(&b);
-    }
-    (frame, n)
-}
-
-fn frame(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------
-// The VMM side: the vhost crate's front-end, plus raw messages it refuses to send.
-
-struct Vmm {
-    fe: Frontend,
-    raw: UnixStream,
-}
-
-impl Vmm {
-    fn connect(s: &Server) -> Vmm {
-        Vmm::over(UnixStream::connect(&s.path).expect("connect"))
-    }
-
-    fn over(sock: UnixStream) -> Vmm {
-        let raw = sock.try_clone().expect("dup");
-        let fe = Frontend::from_stream(sock, 2);
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        Vmm { fe, raw }
-    }
-
-    /// Sends a request the front-end API won't (or can't in this order); reads a u64 reply
-    /// when one is expected.
-    fn raw(&mut self, code: u32, body: &[u8], need_reply: bool, expect_reply: bool) -> Option<u64> {
-        let flags: u32 = 0x1 | if need_reply { 0x8 } else { 0 };
-        let mut m = Vec::new();
-        m.extend_from_slice(&code.to_ne_bytes());
-        m.extend_from_slice(&flags.to_ne_bytes());
-        m.extend_from_slice(&(body.len() as u32).to_ne_bytes());
-        m.extend_from_slice(body);
-        self.raw.write_all(&m).expect("raw send");
-        if !expect_reply {
-            return None;
-        }
-        let mut h = [0u8; 12];
-        self.raw.read_exact(&mut h).expect("reply header");
-        assert_eq!(u32::from_ne_bytes(h[0..4].try_into().expect("4")), code);
-        assert_eq!(
-            u32::from_ne_bytes(h[4..8].try_into().expect("4")) & 0x4,
-            0x4
-        );
-        let mut b = [0u8; 8];
-        self.raw.read_exact(&mut b).expect("reply body");
-        Some(u64::from_ne_bytes(b))
-    }
-
-    fn enable_raw(&mut self, index: u32) {
-        let mut body = index.to_ne_bytes().to_vec();
-        body.extend_from_slice(&1u32.to_ne_bytes());
-        // SET_VRING_ENABLE = 18, with NEED_REPLY as QEMU 10 does.
-        assert_eq!(self.raw(18, &body, true, true), Some(0));
-    }
-
-    fn negotiate_protocol(&mut self) {
-        let p = self
-            .fe
-            .get_protocol_features()
-            .expect("get protocol features");
-        assert!(p.contains(VhostUserProtocolFeatures::REPLY_ACK));
-        assert!(p.contains(VhostUserProtocolFeatures::MQ));
-        assert!(p.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
-        self.fe
-            .set_protocol_features(p)
-            .expect("set protocol features");
-    }
-
-    fn setup_ring(&mut self, g: &Guest, r: &Ring) {
-        let i = r.index;
-        self.fe.set_vring_num(i, QSIZE).expect("num");
-        self.fe.set_vring_base(i, 0).expect("base");
-        self.fe.set_vring_addr(i, &r.config(g)).expect("addr");
-        self.fe.set_vring_kick(i, &r.kick).expect("kick");
-        self.fe.set_vring_call(i, &r.call).expect("call");
-    }
-
-    /// QEMU's order: enables before SET_FEATURES, ADD_MEM_REG, rings last.
-    fn start_qemu(&mut self, g: &Guest, rx: &Ring, tx: &Ring, features: u64) {
-        let offered = self.fe.get_features().expect("get features");
-        assert_eq!(offered & features, features);
-        self.negotiate_protocol();
-        // GET_QUEUE_NUM (17) via raw: the front-end would take "1" as its ring count.
-        assert_eq!(self.raw(17, &[], false, true), Some(1));
-        assert_eq!(self.fe.get_max_mem_slots().expect("slots"), 32);
-        self.fe.set_owner().expect("owner");
-        self.fe.get_features().expect("features again");
-        for r in [rx, tx] {
-            self.fe.set_vring_call(r.index, &r.call).expect("call");
-            self.fe.set_vring_err(r.index, &r.err).expect("err");
-        }
-        // The front-end API refuses this before SET_FEATURES; QEMU does it.
-        self.enable_raw(0);
-        self.enable_raw(1);
-        self.fe
-            .set_features(features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
-            .expect("set features");
-        self.fe.add_mem_region(&g.region()).expect("add mem reg");
-        self.setup_ring(g, rx);
-        self.setup_ring(g, tx);
-    }
-
-    /// cloud-hypervisor's order: features first, SET_MEM_TABLE, enables after the rings.
-    fn start_ch(&mut self, g: &Guest, rx: &Ring, tx: &Ring, features: u64) {
-        self.fe.set_owner().expect("owner");
-        let offered = self.fe.get_features().expect("get features");
-        assert_eq!(offered & features, features);
-        self.fe
-            .set_features(features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
-            .expect("set features");
-        self.negotiate_protocol();
-        self.fe.set_mem_table(&[g.region()]).expect("mem table");
-        for r in [rx, tx] {
-            self.setup_ring(g, r);
-            self.fe.set_vring_err(r.index, &r.err).expect("err");
-            self.fe.set_vring_enable(r.index, true).expect("enable");
-        }
-    }
-}
-
 /// One frame each way: guest -> engine (recorded, echoed) -> guest.
 fn ping(s: &Server, g: &Guest, rx: &mut Ring, tx: &mut Ring, len: usize, seed: u8) {
     let before = s.frames().len();
@@ -683,8 +265,6 @@ fn ping(s: &Server, g: &Guest, rx: &mut Ring, tx: &mut Ring, len: usize, seed: u
     assert_eq!(&got[..len], &f[..]);
 }
 
-const ALL: u64 = VERSION_1 | MRG_RXBUF | EVENT_IDX;
-
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -692,7 +272,7 @@ fn qemu_order_frames_both_ways() {
     let s = Server::start(true);
     let g = Guest::new();
     let (mut rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
-    let mut v = Vmm::connect(&s);
+    let mut v = Vmm::connect(&s.path);
     v.start_qemu(&g, &rx, &tx, ALL);
     ping(&s, &g, &mut rx, &mut tx, 100, 1);
     ping(&s, &g, &mut rx, &mut tx, 1500, 2);
@@ -709,7 +289,7 @@ fn cloud_hypervisor_order_without_event_idx() {
     let s = Server::start(true);
     let g = Guest::new();
     let (mut rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
-    let mut v = Vmm::connect(&s);
+    let mut v = Vmm::connect(&s.path);
     v.start_ch(&g, &rx, &tx, VERSION_1 | MRG_RXBUF);
     for i in 0..5 {
         ping(&s, &g, &mut rx, &mut tx, 200 + i * 300, i as u8);
@@ -722,7 +302,7 @@ fn twenty_reconnects() {
     for i in 0..20u8 {
         let g = Guest::new();
         let (mut rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
-        let mut v = Vmm::connect(&s);
+        let mut v = Vmm::connect(&s.path);
         if i % 2 == 0 {
             v.start_qemu(&g, &rx, &tx, ALL);
         } else {
@@ -744,7 +324,7 @@ fn frames_of_64k_both_ways_over_4k_buffers() {
     let s = Server::start(true);
     let g = Guest::new();
     let (mut rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
-    let mut v = Vmm::connect(&s);
+    let mut v = Vmm::connect(&s.path);
     v.start_qemu(&g, &rx, &tx, ALL);
     let bufs = post_rx(&g, &mut rx, 40, 4096);
     rx.kick();
@@ -776,7 +356,7 @@ fn pending_frame_goes_out_when_guest_refills() {
     let s = Server::start(false);
     let g = Guest::new();
     let (mut rx, tx) = (Ring::rx(&g), Ring::tx(&g));
-    let mut v = Vmm::connect(&s);
+    let mut v = Vmm::connect(&s.path);
     v.start_qemu(&g, &rx, &tx, ALL);
     let f = frame(3000, 5);
     s.send(f.clone());
@@ -804,7 +384,7 @@ fn malicious_guest_device_survives_and_next_connection_works() {
     {
         let g = Guest::new();
         let (mut rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
-        let mut v = Vmm::connect(&s);
+        let mut v = Vmm::connect(&s.path);
         v.start_qemu(&g, &rx, &tx, ALL);
         // A descriptor that points at itself.
         let a = tx.alloc(64);
@@ -906,7 +486,7 @@ fn malicious_guest_device_survives_and_next_connection_works() {
     // The next VMM gets a working device.
     let g = Guest::new();
     let (mut rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
-    let mut v = Vmm::connect(&s);
+    let mut v = Vmm::connect(&s.path);
     v.start_qemu(&g, &rx, &tx, ALL);
     ping(&s, &g, &mut rx, &mut tx, 300, 3);
 }
@@ -917,7 +497,7 @@ fn vmm_vanishing_mid_traffic() {
     {
         let g = Guest::new();
         let (rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
-        let mut v = Vmm::connect(&s);
+        let mut v = Vmm::connect(&s.path);
         v.start_qemu(&g, &rx, &tx, ALL);
         // No RX buffers: echoes pile up in the pending queue.
         for i in 0..10 {
@@ -929,7 +509,7 @@ fn vmm_vanishing_mid_traffic() {
     }
     let g = Guest::new();
     let (mut rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
-    let mut v = Vmm::connect(&s);
+    let mut v = Vmm::connect(&s.path);
     v.start_ch(&g, &rx, &tx, ALL);
     ping(&s, &g, &mut rx, &mut tx, 500, 4);
     let st = s.stats();
@@ -944,7 +524,7 @@ fn steady_state_data_path_does_not_allocate() {
     let s = Server::start_with(true, false);
     let g = Guest::new();
     let (mut rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
-    let mut v = Vmm::connect(&s);
+    let mut v = Vmm::connect(&s.path);
     v.start_qemu(&g, &rx, &tx, ALL);
     let mut round = |n: u16, len: usize| {
         let at = rx.used_idx(&g);
@@ -980,6 +560,29 @@ fn steady_state_data_path_does_not_allocate() {
     assert_eq!(s.stats().tx.frames, 320);
 }
 
+/// Our binary in `topo`'s host namespace in vhost-user mode (`extra` arguments first) on
+/// one end of a socket pair it inherits (`--fd`); returns it and the VMM's end.
+fn binary_on_socketpair(
+    topo: &common::netns::Topology,
+    extra: &[&str],
+    ready: common::passt::Ready,
+) -> (common::passt::Passt, UnixStream) {
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let fd = ours.as_raw_fd();
+    let fd_arg = fd.to_string();
+    let mut args = extra.to_vec();
+    args.extend(["--vhost-user", "--fd", &fd_arg]);
+    let passt = common::passt::Passt::start_inheriting(
+        topo,
+        "passt",
+        std::path::Path::new(env!("CARGO_BIN_EXE_passt")),
+        &args,
+        ready,
+        &[fd],
+    );
+    (passt, theirs)
+}
+
 /// The real binary in vhost-user mode on a socket it inherits (`--fd`), as a VMM that
 /// hands its end of a socketpair over would run it: it serves the front-end, answers the
 /// guest's ARP through the rings, and exits when the front-end goes.
@@ -987,21 +590,11 @@ fn steady_state_data_path_does_not_allocate() {
 fn binary_serves_vhost_user_on_an_inherited_socket() {
     use common::frames;
     use common::netns::{Topology, HOST_V4, PEER_V4};
-    use common::passt::{Passt, Ready};
+    use common::passt::Ready;
     use smoltcp::wire::{ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol};
 
     let topo = Topology::new();
-    let (ours, theirs) = UnixStream::pair().expect("socketpair");
-    let fd = ours.as_raw_fd();
-    let passt = Passt::start_inheriting(
-        &topo,
-        "passt",
-        std::path::Path::new(env!("CARGO_BIN_EXE_passt")),
-        &["--vhost-user", "--fd", &fd.to_string()],
-        Ready::Daemon,
-        &[fd],
-    );
-    drop(ours);
+    let (passt, theirs) = binary_on_socketpair(&topo, &[], Ready::Daemon);
     let g = Guest::new();
     let (mut rx, mut tx) = (Ring::rx(&g), Ring::tx(&g));
     let mut v = Vmm::over(theirs);
@@ -1031,6 +624,51 @@ fn binary_serves_vhost_user_on_an_inherited_socket() {
         panic!("{arp:?}")
     };
     assert_eq!(source_protocol_addr, PEER_V4);
+
+    drop(v);
+    assert!(
+        passt.wait_exit(TIMEOUT),
+        "passt still running after the front-end left:\n{}",
+        passt.log()
+    );
+}
+
+/// TCP through the real binary's vhost-user device: the guest's TCP, played with hand-built
+/// segments through the rings, sends 256 KiB to `cat` behind `socat` in the peer namespace
+/// and takes the same 256 KiB back (frames may span mergeable RX buffers), FINs both ways;
+/// then the flow is freed.
+#[test]
+fn binary_carries_tcp_through_the_rings() {
+    use common::netns::{Topology, HOST_V4, REMOTE_V4};
+    use common::passt::Ready;
+    use common::tcp_guest::{self, pattern, socat, wait_child, T};
+
+    let topo = Topology::new();
+    // In the foreground with debug output, to wait for what it logs.
+    let (passt, theirs) = binary_on_socketpair(&topo, &["-f", "-d"], Ready::Started);
+    let (mut server, server_out) = socat(&topo, &["TCP4-LISTEN:5003,reuseaddr", "EXEC:cat"]);
+    let g = Guest::new();
+    let (rx, tx) = (Ring::rx(&g), Ring::tx(&g));
+    let mut v = Vmm::over(theirs);
+    v.start_qemu(&g, &rx, &tx, ALL);
+    // Smaller than some frames: those take several buffers.
+    let mut link = RingLink::new(&g, rx, tx, 1024);
+
+    let data = pattern(256 * 1024, 9);
+    let mut c = tcp_guest::Guest::connect(&mut link, HOST_V4.into(), REMOTE_V4.into(), 42000, 5003)
+        .unwrap_or_else(|s| panic!("connect: {s:?}\n{}", passt.log()));
+    c.send_all(&data);
+    c.send_fin();
+    // cat sees end of input, echoes the rest and exits: its FIN comes after all the data.
+    c.recv_until_fin(true);
+    assert!(c.rx == data, "echo differs: {} bytes back", c.rx.len());
+    let st = wait_child(&mut server, "socat");
+    assert!(st.success(), "socat: {}", server_out.text());
+    passt
+        .output()
+        .wait_for(0, "tcp: flow 0 closed", Instant::now() + T)
+        .unwrap_or_else(|e| panic!("flow not freed ({e:?}):\n{}", passt.log()));
+    assert!(link.merged > 0, "no frame spanned several buffers");
 
     drop(v);
     assert!(

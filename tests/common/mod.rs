@@ -5,6 +5,8 @@
 //! - [`passt`]: a passt binary (ours or Debian's) started in the host namespace.
 //! - [`output`]: collected process output with event-driven waits.
 //! - [`process`]: pidfd-based kill and wait, parent-death signal.
+//! - [`tcp_guest`]: the guest's end of TCP connections over any frame link, `socat` peers.
+//! - [`vring`]: a VMM and split-ring guest driver for the vhost-user-net device.
 //!
 //! A typical test:
 //! ```ignore
@@ -23,6 +25,8 @@ pub mod netns;
 pub mod output;
 pub mod passt;
 pub mod process;
+pub mod tcp_guest;
+pub mod vring;
 
 use std::cell::Cell;
 use std::path::Path;
