@@ -1,53 +1,20 @@
-//! Outbound TCP end to end: a real guest kernel (TCG) on passt-rs in stream mode downloads
+//! Outbound TCP end to end: a real guest kernel (TCG) on passt-rs, in both modes, downloads
 //! from and uploads to servers in the peer namespace, over IPv4 and IPv6, and the contents
 //! are compared by SHA-256.
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::guest::{Guest, CMD_TIMEOUT};
+use common::checks::{guest_sha256, sha256};
+use common::guest::CMD_TIMEOUT;
 use common::netns::*;
-use common::output::Collector;
+use common::tcp_guest::{pattern, socat};
 use common::Mode;
 
 /// Issue 4 asks for 64 MiB each way; a TCG guest moves that in well under a minute per
 /// mode (see the timing this test prints).
 const SIZE: usize = 64 << 20;
-
-/// `socat -d -d args` in the peer namespace, once it listens.
-fn socat(topo: &Topology, args: &[&str]) -> (std::process::Child, Collector) {
-    let mut cmd = Command::new("socat");
-    cmd.args(["-d", "-d"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = topo.spawn_peer(cmd);
-    let out = Collector::new(None);
-    out.attach(child.stderr.take().expect("piped stderr"));
-    out.wait_for(0, "listening on", Instant::now() + Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("socat didn't listen ({e:?}): {}", out.text()));
-    (child, out)
-}
-
-fn sha256(path: &std::path::Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-fn guest_sha256(guest: &mut Guest, path: &str) -> String {
-    let out = guest.run_ok(&format!("sha256sum {path}"));
-    out.split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
 
 #[test]
 fn stream_guest_downloads_and_uploads_over_tcp() {
@@ -65,17 +32,7 @@ fn downloads_and_uploads(mode: Mode) {
     let www = topo.dir().join("www");
     std::fs::create_dir_all(&www).unwrap();
     let file = www.join("blob");
-    let data: Vec<u8> = {
-        let mut x: u32 = 0x1234_5678;
-        (0..SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
-    };
+    let data = pattern(SIZE, 0);
     std::fs::write(&file, &data).unwrap();
     let want = sha256(&file);
     eprintln!("{mode:?}: download sha256 {want}");

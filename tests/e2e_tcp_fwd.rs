@@ -6,12 +6,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::guest::{Guest, CMD_TIMEOUT};
+use common::checks::{guest_sha256, sha256};
+use common::guest::CMD_TIMEOUT;
 use common::netns::*;
-use common::output::Collector;
+use common::tcp_guest::{pattern, socat_in};
 use common::Mode;
 
 /// Size of the files moved through forwarded ports.
@@ -20,55 +20,6 @@ const SIZE: usize = 4 << 20;
 const THROUGHPUT_SIZE: usize = 32 << 20;
 const SHORT_CONNECTIONS: usize = 200;
 const T: Duration = Duration::from_secs(30);
-
-/// `socat -d -d args` in the host (`host`) or peer namespace, once it listens.
-fn socat(topo: &Topology, host: bool, args: &[&str]) -> (std::process::Child, Collector) {
-    let mut cmd = Command::new("socat");
-    cmd.args(["-d", "-d"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = if host {
-        topo.spawn_host(cmd)
-    } else {
-        topo.spawn_peer(cmd)
-    };
-    let out = Collector::new(None);
-    out.attach(child.stderr.take().expect("piped stderr"));
-    out.wait_for(0, "listening on", Instant::now() + T)
-        .unwrap_or_else(|e| panic!("socat didn't listen ({e:?}): {}", out.text()));
-    (child, out)
-}
-
-fn sha256(path: &std::path::Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-fn guest_sha256(guest: &mut Guest, path: &str) -> String {
-    let out = guest.run_ok(&format!("sha256sum {path}"));
-    out.split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn pattern(len: usize, salt: u32) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678 ^ salt;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
 
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -215,7 +166,7 @@ fn forwarding(mode: Mode) {
     );
 
     // Guest to the host's loopback through the gateway address.
-    let (_lo_httpd, lo_log) = socat(
+    let (_lo_httpd, lo_log) = socat_in(
         &topo,
         true,
         &[
@@ -236,7 +187,7 @@ fn forwarding(mode: Mode) {
     guest.run_ok("rm /tmp/lo /tmp/recv");
 
     // Throughput, guest <- peer and guest -> peer.
-    let (_peer_httpd, _) = socat(
+    let (_peer_httpd, _) = socat_in(
         &topo,
         false,
         &[
@@ -257,7 +208,7 @@ fn forwarding(mode: Mode) {
         "big download"
     );
     let dest = topo.dir().join("big-up");
-    let (mut sink, _) = socat(
+    let (mut sink, _) = socat_in(
         &topo,
         false,
         &[
@@ -287,7 +238,7 @@ fn forwarding(mode: Mode) {
     );
 
     // Short connections: none of them may leave a flow or a descriptor behind.
-    let (_echo, _) = socat(
+    let (_echo, _) = socat_in(
         &topo,
         false,
         // Reads the request first: closing with it unread would be a reset.

@@ -41,3 +41,25 @@ pub fn check_guest_network(guest: &mut Guest) {
     );
     guest.run_ok(&format!("ping6 -c2 -W5 {REMOTE_V6}"));
 }
+
+/// SHA-256 of a file on the test host, as `sha256sum` prints it.
+pub fn sha256(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// SHA-256 of a file in the guest.
+pub fn guest_sha256(guest: &mut Guest, path: &str) -> String {
+    let out = guest.run_ok(&format!("sha256sum {path}"));
+    out.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}

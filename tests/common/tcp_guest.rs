@@ -39,13 +39,22 @@ pub const GUEST_WND: u16 = 512;
 
 /// `socat -d -d` with `args` in the peer namespace, once it listens.
 pub fn socat(topo: &Topology, args: &[&str]) -> (Child, Collector) {
+    socat_in(topo, false, args)
+}
+
+/// `socat -d -d args` in the host (`host`) or peer namespace, once it listens.
+pub fn socat_in(topo: &Topology, host: bool, args: &[&str]) -> (Child, Collector) {
     let mut cmd = Command::new("socat");
     cmd.args(["-d", "-d"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = topo.spawn_peer(cmd);
+    let mut child = if host {
+        topo.spawn_host(cmd)
+    } else {
+        topo.spawn_peer(cmd)
+    };
     let out = Collector::new(None);
     out.attach(child.stderr.take().expect("piped stderr"));
     out.wait_for(0, "listening on", Instant::now() + T)
