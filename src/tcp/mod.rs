@@ -25,10 +25,12 @@
 //!    may come first (half-close). The flow is freed when the guest's FIN is in and ours is
 //!    acknowledged. Guest RST: the socket is closed with `SO_LINGER` 0 (RST to the peer);
 //!    a socket error: RST to the guest.
-//! 6. Timers run from the loop's periodic tick ([`Tcp::timer`], one-second granularity,
-//!    which is also the initial retransmission timeout): retransmission with backoff,
-//!    window updates, [`conn::ACT_TIMEOUT`] idle and [`conn::FIN_TIMEOUT`] half-closed
-//!    timeouts.
+//! 6. Timers: each flow has one deadline, what [`Conn::wakeup`] says after every call
+//!    (retransmission with backoff, a look at the send buffer every [`conn::WND_POLL`]
+//!    while the window we show is clamped, [`conn::ACT_TIMEOUT`] idle and
+//!    [`conn::FIN_TIMEOUT`] half-closed timeouts), kept in a [`Timers`] queue. The loop
+//!    arms one timerfd to the earliest ([`Tcp::next_deadline`]), and [`Tcp::timer`]
+//!    visits only the flows that are due: an idle flow costs nothing per tick.
 //!
 //! **Inbound** connections (`-t`, see [`crate::fwd`]): each forwarded port has a listening
 //! socket ([`Token::TcpListen`]). An accepted connection becomes a flow whose guest end is
@@ -63,7 +65,11 @@
 //! through our buffer as before. If the back-end has no room, the data stays in the socket
 //! and the flow is marked; [`Tcp::room_returned`] resumes it.
 //!
-//! Not yet: zero-copy from the guest (`sendmsg` from guest memory), per-flow timers.
+//! Socket events name their flow by [`FlowRef`], index and generation: an event for a flow
+//! closed earlier in the same batch is dropped ([`TcpStats::stale_events`]), even if a new
+//! flow took its slot meanwhile.
+//!
+//! Not yet: zero-copy from the guest (`sendmsg` from guest memory).
 
 pub mod conn;
 pub mod sock;
@@ -71,13 +77,14 @@ pub mod sock;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{IpAddress, TcpControl as Control, TcpPacket, TcpRepr};
 
 use crate::event::{Register, Token};
-use crate::flow::{FlowIdx, FlowKey, FlowTable};
+use crate::flow::timer::Timers;
+use crate::flow::{FlowIdx, FlowKey, FlowRef, FlowTable};
 use crate::fwd::{Listener, Nat};
 use crate::logger::Limiter;
 use crate::tap::ToGuest;
@@ -92,6 +99,9 @@ const PROTO_TCP: u8 = 6;
 const PEEK_BUF: usize = 1 << 20;
 /// Largest IP packet a frame may carry (the stream protocol's 65535-byte frame limit).
 const MAX_IP_PACKET: usize = 65535 - wire::ETH_HLEN;
+/// Shortest wait before a flow's next visit: a deadline already past is served by the next
+/// timer pass, not again within this one.
+const MIN_STEP: Duration = Duration::from_millis(1);
 
 /// What the TCP translation needs from the configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -125,6 +135,10 @@ pub struct TcpStats {
     /// Accepted connections we couldn't hand to the guest (full table, no address of the
     /// family, duplicate tuple).
     pub accept_refused: u64,
+    /// Flows the timer visited (due, or early by design: see [`crate::flow::timer`]).
+    pub timer_visits: u64,
+    /// Socket events for a flow that was gone (closed earlier in the same batch).
+    pub stale_events: u64,
 }
 
 /// The host socket type, as [`Tcp`] opens and closes it (a fake one in tests).
@@ -183,14 +197,9 @@ pub struct Tcp<S: Socket = HostSock> {
     isn_key: u64,
     /// Listening sockets of forwarded ports, indexed by their tokens.
     listeners: Vec<Listener>,
-    /// Some flow shows the guest a clamped window and waits to reopen it: the timer
-    /// should run at [`FAST_TIMER`], not the loop's slow tick (see [`Tcp::wants_fast_timer`]).
-    fast_timer: bool,
+    /// Each flow's next deadline.
+    timers: Timers,
 }
-
-/// Timer interval while a flow waits to reopen the guest's window. Growing socket buffers
-/// raise no event we could wait for (no send failed, so no EPOLLOUT edge comes), so we look.
-pub const FAST_TIMER: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl<S: Socket> Tcp<S> {
     pub fn new(cfg: TcpConfig) -> Self {
@@ -215,7 +224,7 @@ impl<S: Socket> Tcp<S> {
             log_limit: Limiter::new(),
             isn_key,
             listeners: Vec::new(),
-            fast_timer: false,
+            timers: Timers::new(),
         }
     }
 
@@ -341,7 +350,7 @@ impl<S: Socket> Tcp<S> {
             | epoll::Events::EPOLLOUT
             | epoll::Events::EPOLLRDHUP
             | epoll::Events::EPOLLET;
-        if let Err(e) = reg.add(fd, events, Token::TcpSock(idx)) {
+        if let Err(e) = reg.add(fd, events, Token::TcpSock(self.table.flow_ref(idx))) {
             crate::limited!(self.log_limit, now, warn, "tcp: can't watch socket: {e}");
             self.stats.accept_refused += 1;
             if let Some(f) = self.table.remove(idx) {
@@ -364,6 +373,7 @@ impl<S: Socket> Tcp<S> {
             };
             flow.conn.send_syn(now, &mut flow.sock, &mut out);
         }
+        self.reschedule(idx, now);
     }
 
     pub fn stats(&self) -> TcpStats {
@@ -463,7 +473,7 @@ impl<S: Socket> Tcp<S> {
                     buf,
                 };
                 let v = flow.conn.tap_segment(&seg, now, &mut flow.sock, &mut out);
-                self.finish(idx, v);
+                self.finish(idx, v, now);
             }
             None if seg.syn && seg.ack.is_none() => {
                 self.open(key, ends, &seg, now, macs, reg, to_guest)
@@ -541,13 +551,14 @@ impl<S: Socket> Tcp<S> {
             | epoll::Events::EPOLLOUT
             | epoll::Events::EPOLLRDHUP
             | epoll::Events::EPOLLET;
-        if let Err(e) = reg.add(fd, events, Token::TcpSock(idx)) {
+        if let Err(e) = reg.add(fd, events, Token::TcpSock(self.table.flow_ref(idx))) {
             crate::limited!(self.log_limit, now, warn, "tcp: can't watch socket: {e}");
             rst_for(syn, ends, macs, to_guest);
             self.table.remove(idx);
             return;
         }
         self.stats.opened += 1;
+        self.reschedule(idx, now);
         log::debug!(
             "tcp: flow {} {}:{} -> {remote}",
             idx.0,
@@ -559,14 +570,16 @@ impl<S: Socket> Tcp<S> {
     /// A flow's socket reported `events`.
     pub fn sock_ready(
         &mut self,
-        idx: FlowIdx,
+        r: FlowRef,
         events: epoll::Events,
         now: Instant,
         macs: Macs,
         to_guest: &mut dyn ToGuest,
     ) {
         let Tcp { table, buf, .. } = self;
-        let Some(flow) = table.get_mut(idx) else {
+        let Some(flow) = table.get_ref_mut(r) else {
+            // Closed earlier in this batch, its slot maybe taken by a new flow since.
+            self.stats.stale_events += 1;
             return;
         };
         flow.sock
@@ -585,7 +598,7 @@ impl<S: Socket> Tcp<S> {
         let v = flow
             .conn
             .sock_ready(readable, writable, error, now, &mut flow.sock, &mut out);
-        self.finish(idx, v);
+        self.finish(r.idx, v, now);
     }
 
     /// Room towards the guest came back ([`ToGuest::room_returned`]): flows whose socket
@@ -608,20 +621,19 @@ impl<S: Socket> Tcp<S> {
                 buf,
             };
             let v = flow.conn.sock_to_tap(now, &mut flow.sock, &mut out);
-            self.finish(idx, v);
+            self.finish(idx, v, now);
         }
     }
 
-    /// Timers of every flow: call periodically.
+    /// The flows whose deadline has come: retransmissions, window updates, timeouts. Call
+    /// when [`Self::next_deadline`] has passed (calling more often costs a heap peek).
     pub fn timer(&mut self, now: Instant, macs: Macs, to_guest: &mut dyn ToGuest) {
-        // Set again by `finish` for every flow that still waits.
-        self.fast_timer = false;
-        for i in 0..self.table.high_water() {
-            let idx = FlowIdx(i);
+        while let Some(idx) = self.timers.pop_due(now) {
             let Tcp { table, buf, .. } = self;
             let Some(flow) = table.get_mut(idx) else {
                 continue;
             };
+            self.stats.timer_visits += 1;
             let mut out = Out {
                 to_guest: &mut *to_guest,
                 guest_mac: macs.guest,
@@ -629,26 +641,31 @@ impl<S: Socket> Tcp<S> {
                 buf,
             };
             let v = flow.conn.timer(now, &mut flow.sock, &mut out);
-            self.finish(idx, v);
+            self.finish(idx, v, now);
         }
     }
 
-    /// Whether the timer should run every [`FAST_TIMER`] for now.
-    pub fn wants_fast_timer(&self) -> bool {
-        self.fast_timer
+    /// When [`Self::timer`] next has work: what the loop's timer should be armed to.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        self.timers.next()
     }
 
-    fn finish(&mut self, idx: FlowIdx, v: Verdict) {
+    /// Files the flow's next deadline after a call that may have moved it. Never within
+    /// this instant: a timer pass can't loop on one flow.
+    fn reschedule(&mut self, idx: FlowIdx, now: Instant) {
+        let at = self
+            .table
+            .get(idx)
+            .map(|f| f.conn.wakeup(now).max(now + MIN_STEP));
+        self.timers.schedule(idx, at);
+    }
+
+    fn finish(&mut self, idx: FlowIdx, v: Verdict, now: Instant) {
+        if v != Verdict::Keep {
+            self.timers.cancel(idx);
+        }
         match v {
-            Verdict::Keep => {
-                if self
-                    .table
-                    .get(idx)
-                    .is_some_and(|f| f.conn.waits_for_window())
-                {
-                    self.fast_timer = true;
-                }
-            }
+            Verdict::Keep => self.reschedule(idx, now),
             Verdict::Close => {
                 if let Some(f) = self.table.remove(idx) {
                     self.stats.closed += 1;
@@ -733,6 +750,13 @@ mod tests {
         }
         fn note_events(&mut self, _: bool) {}
         fn abort(self) {}
+    }
+
+    fn fref(idx: u32, gen: u32) -> FlowRef {
+        FlowRef {
+            idx: FlowIdx(idx),
+            gen,
+        }
     }
 
     struct Reg(Vec<Token>);
@@ -878,7 +902,7 @@ mod tests {
         assert_eq!(t.active_flows(), 2);
         assert_eq!(
             reg.0,
-            vec![Token::TcpSock(FlowIdx(0)), Token::TcpSock(FlowIdx(1))]
+            vec![Token::TcpSock(fref(0, 0)), Token::TcpSock(fref(1, 0))]
         );
         assert!(s.frames.is_empty(), "SYN-ACK waits for connect()");
         // A retransmitted SYN is the same flow.
@@ -900,7 +924,7 @@ mod tests {
         assert_eq!((g.flags, g.ack), (flag::RST | flag::ACK, 6));
         // Connected: SYN-ACK; a guest RST frees the slot for the next SYN.
         t.sock_ready(
-            FlowIdx(0),
+            fref(0, 0),
             epoll::Events::EPOLLOUT,
             Instant::now(),
             MACS,
@@ -921,7 +945,7 @@ mod tests {
             &mut s,
         );
         assert_eq!(t.active_flows(), 2);
-        assert_eq!(reg.0.last(), Some(&Token::TcpSock(FlowIdx(0))));
+        assert_eq!(reg.0.last(), Some(&Token::TcpSock(fref(0, 1))));
     }
 
     #[test]
@@ -996,7 +1020,7 @@ mod tests {
         );
         assert_eq!(
             reg.0,
-            vec![Token::TcpSock(FlowIdx(0)), Token::TcpSock(FlowIdx(1))]
+            vec![Token::TcpSock(fref(0, 0)), Token::TcpSock(fref(1, 0))]
         );
         // Full: the next client is refused (reset), nothing to the guest.
         t.inbound(
