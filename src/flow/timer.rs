@@ -91,7 +91,7 @@ impl Timers {
     }
 
     /// The earliest deadline, to arm the loop's timer with.
-    pub fn next(&mut self) -> Option<Instant> {
+    pub fn earliest(&mut self) -> Option<Instant> {
         while let Some(&Reverse((t, s))) = self.heap.peek() {
             if self.scheduled[s as usize] == Some(t) {
                 return Some(t);
@@ -133,12 +133,12 @@ mod tests {
         t.schedule(FlowIdx(3), Some(t0 + ms(30)));
         t.schedule(FlowIdx(1), Some(t0 + ms(10)));
         t.schedule(FlowIdx(2), Some(t0 + ms(20)));
-        assert_eq!(t.next(), Some(t0 + ms(10)));
+        assert_eq!(t.earliest(), Some(t0 + ms(10)));
         assert_eq!(t.pop_due(t0 + ms(5)), None);
         assert_eq!(t.pop_due(t0 + ms(20)), Some(FlowIdx(1)));
         assert_eq!(t.pop_due(t0 + ms(20)), Some(FlowIdx(2)));
         assert_eq!(t.pop_due(t0 + ms(20)), None);
-        assert_eq!(t.next(), Some(t0 + ms(30)));
+        assert_eq!(t.earliest(), Some(t0 + ms(30)));
         assert_eq!(t.len(), 1);
     }
 
@@ -149,12 +149,12 @@ mod tests {
         t.schedule(FlowIdx(0), Some(t0 + ms(100)));
         // Later: the 100 ms entry stays and fires (the visit reschedules).
         t.schedule(FlowIdx(0), Some(t0 + ms(500)));
-        assert_eq!(t.next(), Some(t0 + ms(100)));
+        assert_eq!(t.earliest(), Some(t0 + ms(100)));
         // Earlier: the 100 ms entry is stale now.
         t.schedule(FlowIdx(0), Some(t0 + ms(10)));
         assert_eq!(t.pop_due(t0 + ms(10)), Some(FlowIdx(0)));
         assert_eq!(t.pop_due(t0 + ms(1000)), None, "stale entry dropped");
-        assert_eq!(t.next(), None);
+        assert_eq!(t.earliest(), None);
     }
 
     #[test]
@@ -164,7 +164,7 @@ mod tests {
         t.schedule(FlowIdx(7), Some(t0 + ms(10)));
         t.cancel(FlowIdx(7));
         assert!(t.is_empty());
-        assert_eq!(t.next(), None);
+        assert_eq!(t.earliest(), None);
         // The slot's next flow: only its own deadline counts.
         t.schedule(FlowIdx(7), Some(t0 + ms(50)));
         assert_eq!(t.pop_due(t0 + ms(20)), None);

@@ -647,7 +647,7 @@ impl<S: Socket> Tcp<S> {
 
     /// When [`Self::timer`] next has work: what the loop's timer should be armed to.
     pub fn next_deadline(&mut self) -> Option<Instant> {
-        self.timers.next()
+        self.timers.earliest()
     }
 
     /// Files the flow's next deadline after a call that may have moved it. Never within
@@ -1125,5 +1125,155 @@ mod tests {
                 Some([192, 0, 2, 2].into())
             ))
         );
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A flow from guest port `port`, established at `t0`: SYN, connect, SYN-ACK, ACK. Also
+    /// returns our next sequence number.
+    fn establish(
+        t: &mut Tcp<FakeSock>,
+        port: u16,
+        t0: Instant,
+        reg: &mut Reg,
+        s: &mut Sink,
+    ) -> (FlowRef, u32) {
+        let syn = segment(port, 5, None, flag::SYN, b"", false);
+        t.from_guest(G.into(), R.into(), &syn, t0, MACS, reg, s);
+        let Some(&Token::TcpSock(r)) = reg.0.last() else {
+            panic!("no token registered");
+        };
+        t.sock_ready(r, epoll::Events::EPOLLOUT, t0, MACS, s);
+        let synack = decode(s.frames.last().unwrap());
+        assert_eq!(synack.flags, flag::SYN | flag::ACK);
+        let ack = segment(port, 6, Some(synack.seq.wrapping_add(1)), 0, b"", false);
+        t.from_guest(G.into(), R.into(), &ack, t0, MACS, reg, s);
+        assert!(t.table.get(r.idx).unwrap().conn.has(conn::ev::ESTABLISHED));
+        s.frames.clear();
+        (r, synack.seq.wrapping_add(1))
+    }
+
+    #[test]
+    fn rto_fires_at_its_deadline_and_only_due_flows_are_visited() {
+        const IDLE: u16 = 10_000;
+        let mut t = tcp(usize::from(IDLE) + 1);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let t0 = Instant::now();
+        let (r, _) = establish(&mut t, 999, t0, &mut reg, &mut s);
+        // Many flows with nothing due before their idle timeout (SYN sent, still connecting).
+        for port in 1000..1000 + IDLE {
+            let syn = segment(port, 5, None, flag::SYN, b"", false);
+            t.from_guest(G.into(), R.into(), &syn, t0, MACS, &mut reg, &mut s);
+        }
+        assert_eq!(t.active_flows(), usize::from(IDLE) + 1);
+        t.table.get_mut(r.idx).unwrap().sock.rx.extend(b"hello");
+        t.sock_ready(r, epoll::Events::EPOLLIN, t0, MACS, &mut s);
+        let sent = decode(&s.frames[0]);
+        assert_eq!(sent.payload, b"hello");
+        s.frames.clear();
+        assert_eq!(t.next_deadline(), Some(t0 + conn::RTO_INIT));
+        // 10 ms ticks up to just before the deadline: nobody is visited.
+        let mut now = t0;
+        while now + ms(10) < t0 + conn::RTO_INIT {
+            now += ms(10);
+            t.timer(now, MACS, &mut s);
+        }
+        assert_eq!(t.stats().timer_visits, 0);
+        assert!(s.frames.is_empty());
+        // At the deadline: one visit, the retransmission.
+        t.timer(t0 + conn::RTO_INIT, MACS, &mut s);
+        assert_eq!(t.stats().timer_visits, 1);
+        let again = decode(&s.frames[0]);
+        assert_eq!(
+            (again.seq, again.payload.as_slice()),
+            (sent.seq, &b"hello"[..])
+        );
+        // Backed off: next at twice the interval.
+        assert_eq!(t.next_deadline(), Some(t0 + 3 * conn::RTO_INIT));
+    }
+
+    #[test]
+    fn clamped_window_is_polled_only_while_clamped() {
+        let mut t = tcp(2);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let t0 = Instant::now();
+        let (r, our_seq) = establish(&mut t, 1000, t0, &mut reg, &mut s);
+        let r = (r, our_seq);
+        let idle_deadline = t.next_deadline();
+        assert!(
+            idle_deadline.is_some_and(|d| d >= t0 + ms(1000)),
+            "not polled"
+        );
+        // The send buffer is nearly full: the guest's data is acknowledged with a clamped
+        // window, and the flow is looked at every WND_POLL.
+        t.table.get_mut(r.0.idx).unwrap().sock.space = 1000;
+        let data = segment(1000, 6, Some(r.1), 0, b"abc", false);
+        t.from_guest(G.into(), R.into(), &data, t0, MACS, &mut reg, &mut s);
+        let ack = decode(&s.frames[0]);
+        assert_eq!((ack.ack, ack.wnd), (9, 1000));
+        s.frames.clear();
+        assert_eq!(t.next_deadline(), Some(t0 + conn::WND_POLL));
+        // Still clamped: visited at each poll, no news for the guest.
+        t.timer(t0 + conn::WND_POLL, MACS, &mut s);
+        assert_eq!(t.stats().timer_visits, 1);
+        assert!(s.frames.is_empty());
+        assert_eq!(t.next_deadline(), Some(t0 + 2 * conn::WND_POLL));
+        // Drained: the window update, and no more polling.
+        t.table.get_mut(r.0.idx).unwrap().sock.space = 1 << 16;
+        t.timer(t0 + 2 * conn::WND_POLL, MACS, &mut s);
+        assert_eq!(t.stats().timer_visits, 2);
+        assert_eq!(decode(&s.frames[0]).wnd, 65535);
+        for i in 3..200 {
+            t.timer(t0 + i * conn::WND_POLL, MACS, &mut s);
+        }
+        assert_eq!(t.stats().timer_visits, 2);
+        assert!(t.next_deadline().is_some_and(|d| d >= t0 + ms(1000)));
+    }
+
+    #[test]
+    fn idle_flows_time_out() {
+        let mut t = tcp(2);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let t0 = Instant::now();
+        establish(&mut t, 1000, t0, &mut reg, &mut s);
+        // The SYN-ACK's retransmission deadline stays filed (the ACK only cleared it): one
+        // early visit that finds nothing due and files the idle timeout.
+        assert_eq!(t.next_deadline(), Some(t0 + conn::RTO_INIT));
+        t.timer(t0 + conn::RTO_INIT, MACS, &mut s);
+        assert!(s.frames.is_empty());
+        assert_eq!(t.next_deadline(), Some(t0 + conn::ACT_TIMEOUT));
+        t.timer(t0 + conn::ACT_TIMEOUT - ms(1), MACS, &mut s);
+        assert_eq!((t.active_flows(), t.stats().timer_visits), (1, 1));
+        t.timer(t0 + conn::ACT_TIMEOUT, MACS, &mut s);
+        assert_eq!(t.active_flows(), 0);
+        assert_eq!(t.stats().aborted, 1);
+        assert_eq!(decode(&s.frames[0]).flags, flag::RST | flag::ACK);
+        assert_eq!(t.next_deadline(), None, "nothing left to wake up for");
+    }
+
+    #[test]
+    fn stale_socket_event_misses_the_slots_next_flow() {
+        let mut t = tcp(1);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let t0 = Instant::now();
+        let old = segment(1000, 5, None, flag::SYN, b"", false);
+        t.from_guest(G.into(), R.into(), &old, t0, MACS, &mut reg, &mut s);
+        let rst = segment(1000, 6, None, flag::RST, b"", false);
+        t.from_guest(G.into(), R.into(), &rst, t0, MACS, &mut reg, &mut s);
+        assert_eq!(t.active_flows(), 0);
+        let new = segment(1001, 5, None, flag::SYN, b"", false);
+        t.from_guest(G.into(), R.into(), &new, t0, MACS, &mut reg, &mut s);
+        assert_eq!(
+            reg.0,
+            vec![Token::TcpSock(fref(0, 0)), Token::TcpSock(fref(0, 1))]
+        );
+        // The old socket's event, from the same batch: not the new flow's business.
+        t.sock_ready(fref(0, 0), epoll::Events::EPOLLOUT, t0, MACS, &mut s);
+        assert!(s.frames.is_empty());
+        assert_eq!(t.stats().stale_events, 1);
+        t.sock_ready(fref(0, 1), epoll::Events::EPOLLOUT, t0, MACS, &mut s);
+        assert_eq!(decode(&s.frames[0]).flags, flag::SYN | flag::ACK);
     }
 }
