@@ -13,7 +13,7 @@ use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv
 
 use crate::conf::NetConfig;
 use crate::event::EpollRegistrar;
-use crate::flow::FlowIdx;
+use crate::flow::{FlowIdx, FlowRef};
 use crate::icmp::Icmp;
 use crate::l2::{self, Verdict, REPLY_BUF_LEN};
 use crate::logger::Limiter;
@@ -127,22 +127,22 @@ impl Engine {
     /// A TCP flow's socket reported `events`.
     pub fn tcp_sock_ready(
         &mut self,
-        idx: FlowIdx,
+        r: FlowRef,
         events: epoll::Events,
         to_guest: &mut dyn ToGuest,
     ) {
         let macs = self.macs();
         if let Some(tcp) = self.tcp.as_mut() {
-            tcp.sock_ready(idx, events, self.now, macs, to_guest);
+            tcp.sock_ready(r, events, self.now, macs, to_guest);
         }
     }
 
-    /// Whether TCP wants its timer at [`crate::tcp::FAST_TIMER`] for now.
-    pub fn tcp_wants_fast_timer(&self) -> bool {
-        self.tcp.as_ref().is_some_and(|t| t.wants_fast_timer())
+    /// When some TCP flow next needs [`Self::tcp_timer`].
+    pub fn tcp_next_deadline(&mut self) -> Option<Instant> {
+        self.tcp.as_mut().and_then(|t| t.next_deadline())
     }
 
-    /// TCP timers: retransmissions, window updates, timeouts.
+    /// TCP timers of the flows that are due: retransmissions, window updates, timeouts.
     pub fn tcp_timer(&mut self, now: Instant, to_guest: &mut dyn ToGuest) {
         let macs = self.macs();
         if let Some(tcp) = self.tcp.as_mut() {

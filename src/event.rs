@@ -2,7 +2,13 @@
 //! connection, host sockets), one clock read per batch, deferred work after the batch.
 //!
 //! Each registered fd carries a [`Token`] in its epoll data: a kind in the top byte and an
-//! index (or nothing) below, so an event names its handler and flow without a lookup.
+//! index (or nothing) below, so an event names its handler and flow without a lookup. TCP
+//! flow tokens also carry their slot's generation (bits 32..56), so an event for a flow
+//! closed earlier in the batch can't reach a new flow in the same slot.
+//!
+//! Timing: one timerfd, armed to the earliest TCP flow deadline (re-armed only when that
+//! changes), wakes the loop exactly when some flow needs it; the epoll timeout keeps the
+//! one-second housekeeping tick (ICMP and UDP expiry, announcements).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -14,7 +20,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::conf::{Config, Mode};
 use crate::engine::Engine;
-use crate::flow::FlowIdx;
+use crate::flow::{FlowIdx, FlowRef};
 use crate::tap::stream::{StreamEvent, StreamTap};
 use crate::tap::{Discard, ToGuest};
 use crate::udp::UdpConfig;
@@ -34,16 +40,19 @@ pub enum Token {
     VhostCtrl,
     VhostKick(QueueIdx),
     IcmpSock(FlowIdx),
-    TcpSock(FlowIdx),
+    TcpSock(FlowRef),
     UdpSock(FlowIdx),
     /// A listening socket of a forwarded TCP port, by its index.
     TcpListen(u32),
     /// A bound socket of a forwarded UDP port, by its index.
     UdpListen(u32),
+    /// The flow timer's timerfd.
+    Timer,
 }
 
 impl Token {
     const SHIFT: u32 = 56;
+    const GEN_BITS: u32 = Self::SHIFT - 32;
 
     pub fn encode(self) -> u64 {
         let (kind, idx) = match self {
@@ -53,16 +62,25 @@ impl Token {
             Token::IcmpSock(i) => (4, u64::from(i.0)),
             Token::VhostCtrl => (5, 0),
             Token::VhostKick(q) => (6, u64::from(q.0)),
-            Token::TcpSock(i) => (7, u64::from(i.0)),
+            Token::TcpSock(r) => (
+                7,
+                u64::from(r.gen & ((1 << Self::GEN_BITS) - 1)) << 32 | u64::from(r.idx.0),
+            ),
             Token::UdpSock(i) => (8, u64::from(i.0)),
             Token::TcpListen(i) => (9, u64::from(i)),
             Token::UdpListen(i) => (10, u64::from(i)),
+            Token::Timer => (11, 0),
         };
         kind << Self::SHIFT | idx
     }
 
     pub fn decode(v: u64) -> Option<Token> {
-        let idx = (v & ((1 << Self::SHIFT) - 1)) as u32;
+        let idx = v as u32;
+        let high = ((v >> 32) & ((1 << Self::GEN_BITS) - 1)) as u32;
+        // Only TCP tokens use the bits above the index.
+        if high != 0 && v >> Self::SHIFT != 7 {
+            return None;
+        }
         Some(match v >> Self::SHIFT {
             1 => Token::Signal,
             2 => Token::Listener,
@@ -70,10 +88,14 @@ impl Token {
             4 => Token::IcmpSock(FlowIdx(idx)),
             5 => Token::VhostCtrl,
             6 => Token::VhostKick(QueueIdx(idx as u16)),
-            7 => Token::TcpSock(FlowIdx(idx)),
+            7 => Token::TcpSock(FlowRef {
+                idx: FlowIdx(idx),
+                gen: high,
+            }),
             8 => Token::UdpSock(FlowIdx(idx)),
             9 => Token::TcpListen(idx),
             10 => Token::UdpListen(idx),
+            11 => Token::Timer,
             _ => return None,
         })
     }
@@ -116,6 +138,8 @@ pub enum LoopError {
     EpollWait(#[source] io::Error),
     #[error("setting up signal handling")]
     Signals(#[source] nix::Error),
+    #[error("creating or arming the flow timer")]
+    Timer(#[source] io::Error),
 }
 
 /// Where the guest comes from.
@@ -170,6 +194,56 @@ impl Epoll {
             fd,
             epoll::Event::new(epoll::Events::empty(), 0),
         );
+    }
+}
+
+/// A one-shot CLOCK_MONOTONIC timerfd (the clock of [`Instant`]).
+struct TimerFd(OwnedFd);
+
+impl TimerFd {
+    fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the fd it returns is ours alone.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: timerfd_create just returned this fd and nothing else owns it.
+        Ok(TimerFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Fires once, `after` from now (at once if zero); `None` disarms.
+    fn arm(&self, after: Option<Duration>) -> io::Result<()> {
+        // A zero it_value disarms: "now" is the smallest wait there is.
+        let d = after.map_or(Duration::ZERO, |d| d.max(Duration::from_nanos(1)));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: spec is a valid itimerspec; no old value is asked for.
+        let r =
+            unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Consumes the expiration count, so the fd stops being readable.
+    fn clear(&self) {
+        let mut n = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into n. EAGAIN (nothing expired) is fine.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), n.as_mut_ptr().cast(), n.len()) };
     }
 }
 
@@ -313,18 +387,24 @@ pub fn run(
         }
     }
 
+    let timer = TimerFd::new().map_err(LoopError::Timer)?;
+    lp.epoll
+        .add(timer.0.as_raw_fd(), epoll::Events::EPOLLIN, Token::Timer)?;
+    // The deadline the timerfd is armed to.
+    let mut armed: Option<Instant> = None;
+
     let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); MAX_EVENTS];
     let mut last_periodic = Instant::now();
-    let mut last_tcp_timer = last_periodic;
     loop {
-        let tcp_interval = if lp.engine.tcp_wants_fast_timer() {
-            crate::tcp::FAST_TIMER
-        } else {
-            PERIODIC
-        };
+        let want = lp.engine.tcp_next_deadline();
+        if want != armed {
+            let after = want.map(|t| t.saturating_duration_since(Instant::now()));
+            timer.arm(after).map_err(LoopError::Timer)?;
+            armed = want;
+        }
         let n = match epoll::wait(
             lp.epoll.0.as_raw_fd(),
-            tcp_interval.as_millis() as i32,
+            PERIODIC.as_millis() as i32,
             &mut events,
         ) {
             Ok(n) => n,
@@ -360,10 +440,16 @@ pub fn run(
                         .udp_listener_ready(i, to_guest.unwrap_or(&mut Discard));
                     None
                 }
-                Some(Token::TcpSock(idx)) => {
+                Some(Token::TcpSock(r)) => {
                     let to_guest = lp.link.guest_side();
                     lp.engine
-                        .tcp_sock_ready(idx, flags, to_guest.unwrap_or(&mut Discard));
+                        .tcp_sock_ready(r, flags, to_guest.unwrap_or(&mut Discard));
+                    None
+                }
+                Some(Token::Timer) => {
+                    // Fired: it is disarmed now. The due flows run after the batch.
+                    timer.clear();
+                    armed = None;
                     None
                 }
                 Some(Token::UdpSock(idx)) => {
@@ -392,11 +478,9 @@ pub fn run(
             last_periodic = now;
             lp.engine.periodic(now);
         }
-        if now.duration_since(last_tcp_timer) >= tcp_interval {
-            last_tcp_timer = now;
-            lp.engine
-                .tcp_timer(now, lp.link.guest_side().unwrap_or(&mut Discard));
-        }
+        // Only flows that are due: a heap peek when none is.
+        lp.engine
+            .tcp_timer(now, lp.link.guest_side().unwrap_or(&mut Discard));
         lp.after_batch();
     }
 }
@@ -618,7 +702,15 @@ mod tests {
             Token::IcmpSock(FlowIdx(1023)),
             Token::VhostCtrl,
             Token::VhostKick(QueueIdx(1)),
-            Token::TcpSock(FlowIdx((1 << 24) - 1)),
+            Token::TcpSock(FlowRef {
+                idx: FlowIdx((1 << 24) - 1),
+                gen: (1 << 24) - 1,
+            }),
+            Token::TcpSock(FlowRef {
+                idx: FlowIdx(u32::MAX),
+                gen: 0,
+            }),
+            Token::Timer,
             Token::UdpSock(FlowIdx(4095)),
             Token::TcpListen(65535),
             Token::UdpListen(65535),
@@ -626,5 +718,7 @@ mod tests {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }
         assert_eq!(Token::decode(0), None);
+        // A generation only where a TCP token carries one.
+        assert_eq!(Token::decode(8 << 56 | 1 << 32), None);
     }
 }

@@ -36,7 +36,7 @@ use passt::engine::Engine;
 use passt::event::{EpollRegistrar, Token};
 use passt::fwd::Nat;
 use passt::tap::stream::StreamTap;
-use passt::tcp::{TcpConfig, FAST_TIMER};
+use passt::tcp::TcpConfig;
 use passt::vhost_user::{Device, DeviceOptions, Outcome, Source};
 use passt::virtio::QueueIdx;
 use vmm_sys_util::eventfd::EventFd;
@@ -249,7 +249,6 @@ struct VuRig<'g> {
     epfd: i32,
     link: RingLink<'g>,
     _vmm: Vmm,
-    last_timer: Instant,
     /// Whether calls into passt-rs are counted now, and what they allocated.
     count: bool,
     allocs: u64,
@@ -314,7 +313,6 @@ impl<'g> VuRig<'g> {
             epfd,
             link,
             _vmm: vmm,
-            last_timer: Instant::now(),
             count: false,
             allocs: 0,
             bytes: 0,
@@ -329,16 +327,13 @@ impl<'g> VuRig<'g> {
     /// One batch of the event loop: the clock, `events`, the TCP timer when due, the retry
     /// and flush after the batch. Counted if `count` is on.
     fn batch(&mut self, events: impl FnOnce(&mut Device, &mut Engine)) {
-        let last_timer = &mut self.last_timer;
         let (dev, engine) = (&mut self.dev, &mut self.engine);
         let run = || {
             let now = Instant::now();
             engine.set_now(now);
             events(dev, engine);
-            if engine.tcp_wants_fast_timer() && now.duration_since(*last_timer) >= FAST_TIMER {
-                *last_timer = now;
-                engine.tcp_timer(now, dev.to_guest());
-            }
+            // As the loop does after every batch: only flows whose deadline is due.
+            engine.tcp_timer(now, dev.to_guest());
             let to_guest = dev.to_guest();
             if to_guest.room_returned() {
                 engine.room_returned(to_guest);
@@ -387,7 +382,7 @@ impl FrameLink for VuRig<'_> {
             if left.is_zero() {
                 return None;
             }
-            let wait = left.min(FAST_TIMER).as_millis().max(1) as i32;
+            let wait = left.min(passt::tcp::conn::WND_POLL).as_millis().max(1) as i32;
             let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
             // SAFETY: valid buffer of 16 events.
             let n = unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), 16, wait) };

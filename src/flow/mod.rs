@@ -12,11 +12,15 @@
 //! - **One index.** A flow's [`FlowIdx`] is its slot; the slot is the only owner of the
 //!   flow's state and the key map is the only index, updated in the same call as the slot,
 //!   so the two can't drift. Indices are reused (most recently freed first) once a flow is
-//!   removed: whoever holds an index (an epoll token) must drop it when the flow goes, which
-//!   closing the flow's socket does for epoll.
+//!   removed. Closing the flow's socket takes it out of the epoll set, but events already
+//!   returned in the same batch still name the slot: each slot therefore has a
+//!   **generation**, bumped when its flow is removed, which tokens carry ([`FlowRef`]) and
+//!   [`FlowTable::get_ref_mut`] checks, so such an event can't reach the slot's next flow.
 //! - **O(1) lookup** by [`FlowKey`] (protocol, guest address and port, remote address and
 //!   port), through a hash map with the standard library's keyed SipHash, so a guest can't
 //!   pick colliding tuples.
+
+pub mod timer;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,6 +32,19 @@ pub struct FlowIdx(pub u32);
 
 /// Largest index a token can carry (the token keeps the top byte for its kind).
 pub const MAX_CAPACITY: usize = 1 << 24;
+
+/// Bits of a slot's generation in a [`FlowRef`] (what a token has room for beside the kind
+/// byte and a 32-bit index); generations wrap at `1 << GEN_BITS`.
+pub const GEN_BITS: u32 = 24;
+const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
+
+/// One flow, not just its slot: the index and the slot's generation when the reference was
+/// taken. Epoll tokens carry it; it goes stale when the flow is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowRef {
+    pub idx: FlowIdx,
+    pub gen: u32,
+}
 
 /// Default capacity of a protocol's table (issue 4: 128k flows).
 pub const DEFAULT_CAPACITY: usize = 128 * 1024;
@@ -51,6 +68,8 @@ struct Entry<T> {
 /// A bounded table of flows of one kind, `T` being the per-flow state.
 pub struct FlowTable<T> {
     slots: Vec<Option<Entry<T>>>,
+    /// Generation of each slot, bumped as its flow is removed.
+    gens: Vec<u32>,
     free: Vec<u32>,
     index: HashMap<FlowKey, FlowIdx>,
     capacity: usize,
@@ -61,6 +80,7 @@ impl<T> FlowTable<T> {
     pub fn new(capacity: usize) -> Self {
         FlowTable {
             slots: Vec::new(),
+            gens: Vec::new(),
             free: Vec::new(),
             index: HashMap::new(),
             capacity: capacity.min(MAX_CAPACITY),
@@ -96,6 +116,7 @@ impl<T> FlowTable<T> {
             Some(s) => s,
             None => {
                 self.slots.push(None);
+                self.gens.push(0);
                 (self.slots.len() - 1) as u32
             }
         };
@@ -116,6 +137,22 @@ impl<T> FlowTable<T> {
             .map(|e| &mut e.value)
     }
 
+    /// A reference to the flow now in slot `idx` (in use or not), for its epoll token.
+    pub fn flow_ref(&self, idx: FlowIdx) -> FlowRef {
+        FlowRef {
+            idx,
+            gen: self.gens.get(idx.0 as usize).copied().unwrap_or(0),
+        }
+    }
+
+    /// The flow `r` refers to, if it is still there (not removed, slot not reused since).
+    pub fn get_ref_mut(&mut self, r: FlowRef) -> Option<&mut T> {
+        if self.gens.get(r.idx.0 as usize) != Some(&r.gen) {
+            return None;
+        }
+        self.get_mut(r.idx)
+    }
+
     pub fn key(&self, idx: FlowIdx) -> Option<&FlowKey> {
         self.slots.get(idx.0 as usize)?.as_ref().map(|e| &e.key)
     }
@@ -124,6 +161,8 @@ impl<T> FlowTable<T> {
     pub fn remove(&mut self, idx: FlowIdx) -> Option<T> {
         let e = self.slots.get_mut(idx.0 as usize)?.take()?;
         self.index.remove(&e.key);
+        let g = &mut self.gens[idx.0 as usize];
+        *g = g.wrapping_add(1) & GEN_MASK;
         self.free.push(idx.0);
         Some(e.value)
     }
@@ -179,6 +218,26 @@ mod tests {
         assert_eq!(t.indices().collect::<Vec<_>>(), vec![a, b, c]);
         assert_eq!(t.high_water(), 3);
         assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn references_go_stale_when_the_slot_is_reused() {
+        let mut t = FlowTable::new(2);
+        let a = t.insert(key(1), 'a').unwrap();
+        let ra = t.flow_ref(a);
+        assert_eq!(t.get_ref_mut(ra), Some(&mut 'a'));
+        t.remove(a);
+        assert_eq!(t.get_ref_mut(ra), None, "removed");
+        let b = t.insert(key(2), 'b').unwrap();
+        assert_eq!(b, a, "same slot");
+        assert_eq!(t.get_ref_mut(ra), None, "reused: the old reference misses");
+        let rb = t.flow_ref(b);
+        assert_ne!(rb, ra);
+        assert_eq!(t.get_ref_mut(rb), Some(&mut 'b'));
+        // Generations wrap within what a token carries.
+        t.gens[b.0 as usize] = GEN_MASK;
+        t.remove(b);
+        assert_eq!(t.flow_ref(b).gen, 0);
     }
 
     #[test]

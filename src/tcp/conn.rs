@@ -59,6 +59,10 @@ const DUP_ACK_THRESHOLD: u8 = 3;
 pub const ACT_TIMEOUT: Duration = Duration::from_secs(7200);
 /// A half-closed connection with no traffic for this long is reset.
 pub const FIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often we look at the socket's send buffer while the window we show the guest is
+/// clamped ([`ev::WND_CLAMPED`]). A growing send buffer raises no event we could wait for
+/// (no send failed, so no EPOLLOUT edge comes), so we look.
+pub const WND_POLL: Duration = Duration::from_millis(10);
 /// Largest header we emit: Ethernet + IPv6 + TCP with MSS and window scale options.
 const HDR_MAX: usize = wire::ETH_HLEN + wire::IPV6_HLEN + TCP_HLEN + 8;
 
@@ -242,9 +246,30 @@ impl Conn {
         self.seq_to_tap.wrapping_sub(self.seq_ack_from_tap)
     }
 
-    /// Earliest time [`Self::timer`] has something to do for this connection.
+    /// The retransmission timeout, if data (or a SYN, a FIN) waits for the guest's ACK.
     pub fn deadline(&self) -> Option<Instant> {
         self.rto
+    }
+
+    /// Earliest time [`Self::timer`] has something to do for this connection, as of `now`:
+    /// the retransmission timeout, the next look at the send buffer while the window is
+    /// clamped, the idle or half-closed timeout. Valid until the next call into the
+    /// connection.
+    pub fn wakeup(&self, now: Instant) -> Instant {
+        let half_closed = self.has(ev::TAP_FIN_RCVD) || self.has(ev::TAP_FIN_SENT);
+        let idle = if half_closed {
+            FIN_TIMEOUT
+        } else {
+            ACT_TIMEOUT
+        };
+        let mut at = self.last_activity + idle;
+        if let Some(rto) = self.rto {
+            at = at.min(rto);
+        }
+        if self.waits_for_window() {
+            at = at.min(now + WND_POLL);
+        }
+        at
     }
 
     /// The socket is writable or failed before it connected: SYN-ACK or RST to the guest.

@@ -25,10 +25,12 @@
 //!    may come first (half-close). The flow is freed when the guest's FIN is in and ours is
 //!    acknowledged. Guest RST: the socket is closed with `SO_LINGER` 0 (RST to the peer);
 //!    a socket error: RST to the guest.
-//! 6. Timers run from the loop's periodic tick ([`Tcp::timer`], one-second granularity,
-//!    which is also the initial retransmission timeout): retransmission with backoff,
-//!    window updates, [`conn::ACT_TIMEOUT`] idle and [`conn::FIN_TIMEOUT`] half-closed
-//!    timeouts.
+//! 6. Timers: each flow has one deadline, what [`Conn::wakeup`] says after every call
+//!    (retransmission with backoff, a look at the send buffer every [`conn::WND_POLL`]
+//!    while the window we show is clamped, [`conn::ACT_TIMEOUT`] idle and
+//!    [`conn::FIN_TIMEOUT`] half-closed timeouts), kept in a [`Timers`] queue. The loop
+//!    arms one timerfd to the earliest ([`Tcp::next_deadline`]), and [`Tcp::timer`]
+//!    visits only the flows that are due: an idle flow costs nothing per tick.
 //!
 //! **Inbound** connections (`-t`, see [`crate::fwd`]): each forwarded port has a listening
 //! socket ([`Token::TcpListen`]). An accepted connection becomes a flow whose guest end is
@@ -63,7 +65,11 @@
 //! through our buffer as before. If the back-end has no room, the data stays in the socket
 //! and the flow is marked; [`Tcp::room_returned`] resumes it.
 //!
-//! Not yet: zero-copy from the guest (`sendmsg` from guest memory), per-flow timers.
+//! Socket events name their flow by [`FlowRef`], index and generation: an event for a flow
+//! closed earlier in the same batch is dropped ([`TcpStats::stale_events`]), even if a new
+//! flow took its slot meanwhile.
+//!
+//! Not yet: zero-copy from the guest (`sendmsg` from guest memory).
 
 pub mod conn;
 pub mod sock;
@@ -71,13 +77,14 @@ pub mod sock;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{IpAddress, TcpControl as Control, TcpPacket, TcpRepr};
 
 use crate::event::{Register, Token};
-use crate::flow::{FlowIdx, FlowKey, FlowTable};
+use crate::flow::timer::Timers;
+use crate::flow::{FlowIdx, FlowKey, FlowRef, FlowTable};
 use crate::fwd::{Listener, Nat};
 use crate::logger::Limiter;
 use crate::tap::ToGuest;
@@ -92,6 +99,9 @@ const PROTO_TCP: u8 = 6;
 const PEEK_BUF: usize = 1 << 20;
 /// Largest IP packet a frame may carry (the stream protocol's 65535-byte frame limit).
 const MAX_IP_PACKET: usize = 65535 - wire::ETH_HLEN;
+/// Shortest wait before a flow's next visit: a deadline already past is served by the next
+/// timer pass, not again within this one.
+const MIN_STEP: Duration = Duration::from_millis(1);
 
 /// What the TCP translation needs from the configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -125,6 +135,10 @@ pub struct TcpStats {
     /// Accepted connections we couldn't hand to the guest (full table, no address of the
     /// family, duplicate tuple).
     pub accept_refused: u64,
+    /// Flows the timer visited (due, or early by design: see [`crate::flow::timer`]).
+    pub timer_visits: u64,
+    /// Socket events for a flow that was gone (closed earlier in the same batch).
+    pub stale_events: u64,
 }
 
 /// The host socket type, as [`Tcp`] opens and closes it (a fake one in tests).
@@ -183,14 +197,9 @@ pub struct Tcp<S: Socket = HostSock> {
     isn_key: u64,
     /// Listening sockets of forwarded ports, indexed by their tokens.
     listeners: Vec<Listener>,
-    /// Some flow shows the guest a clamped window and waits to reopen it: the timer
-    /// should run at [`FAST_TIMER`], not the loop's slow tick (see [`Tcp::wants_fast_timer`]).
-    fast_timer: bool,
+    /// Each flow's next deadline.
+    timers: Timers,
 }
-
-/// Timer interval while a flow waits to reopen the guest's window. Growing socket buffers
-/// raise no event we could wait for (no send failed, so no EPOLLOUT edge comes), so we look.
-pub const FAST_TIMER: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl<S: Socket> Tcp<S> {
     pub fn new(cfg: TcpConfig) -> Self {
@@ -215,7 +224,7 @@ impl<S: Socket> Tcp<S> {
             log_limit: Limiter::new(),
             isn_key,
             listeners: Vec::new(),
-            fast_timer: false,
+            timers: Timers::new(),
         }
     }
 
@@ -341,7 +350,7 @@ impl<S: Socket> Tcp<S> {
             | epoll::Events::EPOLLOUT
             | epoll::Events::EPOLLRDHUP
             | epoll::Events::EPOLLET;
-        if let Err(e) = reg.add(fd, events, Token::TcpSock(idx)) {
+        if let Err(e) = reg.add(fd, events, Token::TcpSock(self.table.flow_ref(idx))) {
             crate::limited!(self.log_limit, now, warn, "tcp: can't watch socket: {e}");
             self.stats.accept_refused += 1;
             if let Some(f) = self.table.remove(idx) {
@@ -364,6 +373,7 @@ impl<S: Socket> Tcp<S> {
             };
             flow.conn.send_syn(now, &mut flow.sock, &mut out);
         }
+        self.reschedule(idx, now);
     }
 
     pub fn stats(&self) -> TcpStats {
@@ -463,7 +473,7 @@ impl<S: Socket> Tcp<S> {
                     buf,
                 };
                 let v = flow.conn.tap_segment(&seg, now, &mut flow.sock, &mut out);
-                self.finish(idx, v);
+                self.finish(idx, v, now);
             }
             None if seg.syn && seg.ack.is_none() => {
                 self.open(key, ends, &seg, now, macs, reg, to_guest)
@@ -541,13 +551,14 @@ impl<S: Socket> Tcp<S> {
             | epoll::Events::EPOLLOUT
             | epoll::Events::EPOLLRDHUP
             | epoll::Events::EPOLLET;
-        if let Err(e) = reg.add(fd, events, Token::TcpSock(idx)) {
+        if let Err(e) = reg.add(fd, events, Token::TcpSock(self.table.flow_ref(idx))) {
             crate::limited!(self.log_limit, now, warn, "tcp: can't watch socket: {e}");
             rst_for(syn, ends, macs, to_guest);
             self.table.remove(idx);
             return;
         }
         self.stats.opened += 1;
+        self.reschedule(idx, now);
         log::debug!(
             "tcp: flow {} {}:{} -> {remote}",
             idx.0,
@@ -559,14 +570,16 @@ impl<S: Socket> Tcp<S> {
     /// A flow's socket reported `events`.
     pub fn sock_ready(
         &mut self,
-        idx: FlowIdx,
+        r: FlowRef,
         events: epoll::Events,
         now: Instant,
         macs: Macs,
         to_guest: &mut dyn ToGuest,
     ) {
         let Tcp { table, buf, .. } = self;
-        let Some(flow) = table.get_mut(idx) else {
+        let Some(flow) = table.get_ref_mut(r) else {
+            // Closed earlier in this batch, its slot maybe taken by a new flow since.
+            self.stats.stale_events += 1;
             return;
         };
         flow.sock
@@ -585,7 +598,7 @@ impl<S: Socket> Tcp<S> {
         let v = flow
             .conn
             .sock_ready(readable, writable, error, now, &mut flow.sock, &mut out);
-        self.finish(idx, v);
+        self.finish(r.idx, v, now);
     }
 
     /// Room towards the guest came back ([`ToGuest::room_returned`]): flows whose socket
@@ -608,20 +621,19 @@ impl<S: Socket> Tcp<S> {
                 buf,
             };
             let v = flow.conn.sock_to_tap(now, &mut flow.sock, &mut out);
-            self.finish(idx, v);
+            self.finish(idx, v, now);
         }
     }
 
-    /// Timers of every flow: call periodically.
+    /// The flows whose deadline has come: retransmissions, window updates, timeouts. Call
+    /// when [`Self::next_deadline`] has passed (calling more often costs a heap peek).
     pub fn timer(&mut self, now: Instant, macs: Macs, to_guest: &mut dyn ToGuest) {
-        // Set again by `finish` for every flow that still waits.
-        self.fast_timer = false;
-        for i in 0..self.table.high_water() {
-            let idx = FlowIdx(i);
+        while let Some(idx) = self.timers.pop_due(now) {
             let Tcp { table, buf, .. } = self;
             let Some(flow) = table.get_mut(idx) else {
                 continue;
             };
+            self.stats.timer_visits += 1;
             let mut out = Out {
                 to_guest: &mut *to_guest,
                 guest_mac: macs.guest,
@@ -629,26 +641,31 @@ impl<S: Socket> Tcp<S> {
                 buf,
             };
             let v = flow.conn.timer(now, &mut flow.sock, &mut out);
-            self.finish(idx, v);
+            self.finish(idx, v, now);
         }
     }
 
-    /// Whether the timer should run every [`FAST_TIMER`] for now.
-    pub fn wants_fast_timer(&self) -> bool {
-        self.fast_timer
+    /// When [`Self::timer`] next has work: what the loop's timer should be armed to.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        self.timers.earliest()
     }
 
-    fn finish(&mut self, idx: FlowIdx, v: Verdict) {
+    /// Files the flow's next deadline after a call that may have moved it. Never within
+    /// this instant: a timer pass can't loop on one flow.
+    fn reschedule(&mut self, idx: FlowIdx, now: Instant) {
+        let at = self
+            .table
+            .get(idx)
+            .map(|f| f.conn.wakeup(now).max(now + MIN_STEP));
+        self.timers.schedule(idx, at);
+    }
+
+    fn finish(&mut self, idx: FlowIdx, v: Verdict, now: Instant) {
+        if v != Verdict::Keep {
+            self.timers.cancel(idx);
+        }
         match v {
-            Verdict::Keep => {
-                if self
-                    .table
-                    .get(idx)
-                    .is_some_and(|f| f.conn.waits_for_window())
-                {
-                    self.fast_timer = true;
-                }
-            }
+            Verdict::Keep => self.reschedule(idx, now),
             Verdict::Close => {
                 if let Some(f) = self.table.remove(idx) {
                     self.stats.closed += 1;
@@ -733,6 +750,13 @@ mod tests {
         }
         fn note_events(&mut self, _: bool) {}
         fn abort(self) {}
+    }
+
+    fn fref(idx: u32, gen: u32) -> FlowRef {
+        FlowRef {
+            idx: FlowIdx(idx),
+            gen,
+        }
     }
 
     struct Reg(Vec<Token>);
@@ -878,7 +902,7 @@ mod tests {
         assert_eq!(t.active_flows(), 2);
         assert_eq!(
             reg.0,
-            vec![Token::TcpSock(FlowIdx(0)), Token::TcpSock(FlowIdx(1))]
+            vec![Token::TcpSock(fref(0, 0)), Token::TcpSock(fref(1, 0))]
         );
         assert!(s.frames.is_empty(), "SYN-ACK waits for connect()");
         // A retransmitted SYN is the same flow.
@@ -900,7 +924,7 @@ mod tests {
         assert_eq!((g.flags, g.ack), (flag::RST | flag::ACK, 6));
         // Connected: SYN-ACK; a guest RST frees the slot for the next SYN.
         t.sock_ready(
-            FlowIdx(0),
+            fref(0, 0),
             epoll::Events::EPOLLOUT,
             Instant::now(),
             MACS,
@@ -921,7 +945,7 @@ mod tests {
             &mut s,
         );
         assert_eq!(t.active_flows(), 2);
-        assert_eq!(reg.0.last(), Some(&Token::TcpSock(FlowIdx(0))));
+        assert_eq!(reg.0.last(), Some(&Token::TcpSock(fref(0, 1))));
     }
 
     #[test]
@@ -996,7 +1020,7 @@ mod tests {
         );
         assert_eq!(
             reg.0,
-            vec![Token::TcpSock(FlowIdx(0)), Token::TcpSock(FlowIdx(1))]
+            vec![Token::TcpSock(fref(0, 0)), Token::TcpSock(fref(1, 0))]
         );
         // Full: the next client is refused (reset), nothing to the guest.
         t.inbound(
@@ -1101,5 +1125,155 @@ mod tests {
                 Some([192, 0, 2, 2].into())
             ))
         );
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A flow from guest port `port`, established at `t0`: SYN, connect, SYN-ACK, ACK. Also
+    /// returns our next sequence number.
+    fn establish(
+        t: &mut Tcp<FakeSock>,
+        port: u16,
+        t0: Instant,
+        reg: &mut Reg,
+        s: &mut Sink,
+    ) -> (FlowRef, u32) {
+        let syn = segment(port, 5, None, flag::SYN, b"", false);
+        t.from_guest(G.into(), R.into(), &syn, t0, MACS, reg, s);
+        let Some(&Token::TcpSock(r)) = reg.0.last() else {
+            panic!("no token registered");
+        };
+        t.sock_ready(r, epoll::Events::EPOLLOUT, t0, MACS, s);
+        let synack = decode(s.frames.last().unwrap());
+        assert_eq!(synack.flags, flag::SYN | flag::ACK);
+        let ack = segment(port, 6, Some(synack.seq.wrapping_add(1)), 0, b"", false);
+        t.from_guest(G.into(), R.into(), &ack, t0, MACS, reg, s);
+        assert!(t.table.get(r.idx).unwrap().conn.has(conn::ev::ESTABLISHED));
+        s.frames.clear();
+        (r, synack.seq.wrapping_add(1))
+    }
+
+    #[test]
+    fn rto_fires_at_its_deadline_and_only_due_flows_are_visited() {
+        const IDLE: u16 = 10_000;
+        let mut t = tcp(usize::from(IDLE) + 1);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let t0 = Instant::now();
+        let (r, _) = establish(&mut t, 999, t0, &mut reg, &mut s);
+        // Many flows with nothing due before their idle timeout (SYN sent, still connecting).
+        for port in 1000..1000 + IDLE {
+            let syn = segment(port, 5, None, flag::SYN, b"", false);
+            t.from_guest(G.into(), R.into(), &syn, t0, MACS, &mut reg, &mut s);
+        }
+        assert_eq!(t.active_flows(), usize::from(IDLE) + 1);
+        t.table.get_mut(r.idx).unwrap().sock.rx.extend(b"hello");
+        t.sock_ready(r, epoll::Events::EPOLLIN, t0, MACS, &mut s);
+        let sent = decode(&s.frames[0]);
+        assert_eq!(sent.payload, b"hello");
+        s.frames.clear();
+        assert_eq!(t.next_deadline(), Some(t0 + conn::RTO_INIT));
+        // 10 ms ticks up to just before the deadline: nobody is visited.
+        let mut now = t0;
+        while now + ms(10) < t0 + conn::RTO_INIT {
+            now += ms(10);
+            t.timer(now, MACS, &mut s);
+        }
+        assert_eq!(t.stats().timer_visits, 0);
+        assert!(s.frames.is_empty());
+        // At the deadline: one visit, the retransmission.
+        t.timer(t0 + conn::RTO_INIT, MACS, &mut s);
+        assert_eq!(t.stats().timer_visits, 1);
+        let again = decode(&s.frames[0]);
+        assert_eq!(
+            (again.seq, again.payload.as_slice()),
+            (sent.seq, &b"hello"[..])
+        );
+        // Backed off: next at twice the interval.
+        assert_eq!(t.next_deadline(), Some(t0 + 3 * conn::RTO_INIT));
+    }
+
+    #[test]
+    fn clamped_window_is_polled_only_while_clamped() {
+        let mut t = tcp(2);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let t0 = Instant::now();
+        let (r, our_seq) = establish(&mut t, 1000, t0, &mut reg, &mut s);
+        let r = (r, our_seq);
+        let idle_deadline = t.next_deadline();
+        assert!(
+            idle_deadline.is_some_and(|d| d >= t0 + ms(1000)),
+            "not polled"
+        );
+        // The send buffer is nearly full: the guest's data is acknowledged with a clamped
+        // window, and the flow is looked at every WND_POLL.
+        t.table.get_mut(r.0.idx).unwrap().sock.space = 1000;
+        let data = segment(1000, 6, Some(r.1), 0, b"abc", false);
+        t.from_guest(G.into(), R.into(), &data, t0, MACS, &mut reg, &mut s);
+        let ack = decode(&s.frames[0]);
+        assert_eq!((ack.ack, ack.wnd), (9, 1000));
+        s.frames.clear();
+        assert_eq!(t.next_deadline(), Some(t0 + conn::WND_POLL));
+        // Still clamped: visited at each poll, no news for the guest.
+        t.timer(t0 + conn::WND_POLL, MACS, &mut s);
+        assert_eq!(t.stats().timer_visits, 1);
+        assert!(s.frames.is_empty());
+        assert_eq!(t.next_deadline(), Some(t0 + 2 * conn::WND_POLL));
+        // Drained: the window update, and no more polling.
+        t.table.get_mut(r.0.idx).unwrap().sock.space = 1 << 16;
+        t.timer(t0 + 2 * conn::WND_POLL, MACS, &mut s);
+        assert_eq!(t.stats().timer_visits, 2);
+        assert_eq!(decode(&s.frames[0]).wnd, 65535);
+        for i in 3..200 {
+            t.timer(t0 + i * conn::WND_POLL, MACS, &mut s);
+        }
+        assert_eq!(t.stats().timer_visits, 2);
+        assert!(t.next_deadline().is_some_and(|d| d >= t0 + ms(1000)));
+    }
+
+    #[test]
+    fn idle_flows_time_out() {
+        let mut t = tcp(2);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let t0 = Instant::now();
+        establish(&mut t, 1000, t0, &mut reg, &mut s);
+        // The SYN-ACK's retransmission deadline stays filed (the ACK only cleared it): one
+        // early visit that finds nothing due and files the idle timeout.
+        assert_eq!(t.next_deadline(), Some(t0 + conn::RTO_INIT));
+        t.timer(t0 + conn::RTO_INIT, MACS, &mut s);
+        assert!(s.frames.is_empty());
+        assert_eq!(t.next_deadline(), Some(t0 + conn::ACT_TIMEOUT));
+        t.timer(t0 + conn::ACT_TIMEOUT - ms(1), MACS, &mut s);
+        assert_eq!((t.active_flows(), t.stats().timer_visits), (1, 1));
+        t.timer(t0 + conn::ACT_TIMEOUT, MACS, &mut s);
+        assert_eq!(t.active_flows(), 0);
+        assert_eq!(t.stats().aborted, 1);
+        assert_eq!(decode(&s.frames[0]).flags, flag::RST | flag::ACK);
+        assert_eq!(t.next_deadline(), None, "nothing left to wake up for");
+    }
+
+    #[test]
+    fn stale_socket_event_misses_the_slots_next_flow() {
+        let mut t = tcp(1);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let t0 = Instant::now();
+        let old = segment(1000, 5, None, flag::SYN, b"", false);
+        t.from_guest(G.into(), R.into(), &old, t0, MACS, &mut reg, &mut s);
+        let rst = segment(1000, 6, None, flag::RST, b"", false);
+        t.from_guest(G.into(), R.into(), &rst, t0, MACS, &mut reg, &mut s);
+        assert_eq!(t.active_flows(), 0);
+        let new = segment(1001, 5, None, flag::SYN, b"", false);
+        t.from_guest(G.into(), R.into(), &new, t0, MACS, &mut reg, &mut s);
+        assert_eq!(
+            reg.0,
+            vec![Token::TcpSock(fref(0, 0)), Token::TcpSock(fref(0, 1))]
+        );
+        // The old socket's event, from the same batch: not the new flow's business.
+        t.sock_ready(fref(0, 0), epoll::Events::EPOLLOUT, t0, MACS, &mut s);
+        assert!(s.frames.is_empty());
+        assert_eq!(t.stats().stale_events, 1);
+        t.sock_ready(fref(0, 1), epoll::Events::EPOLLOUT, t0, MACS, &mut s);
+        assert_eq!(decode(&s.frames[0]).flags, flag::SYN | flag::ACK);
     }
 }
