@@ -14,6 +14,7 @@
 //! - [`tap`]: frames to and from the guest, over vhost-user or the stream socket.
 //! - [`vhost_user`]: the vhost-user-net device: control socket, memory table, rings.
 //! - [`virtio`]: the virtio-net data plane: split virtqueues, TX drain, mergeable RX.
+//! - [`sys`]: checked wrappers over socket system calls.
 //! - [`wire`]: headers of frames we build.
 //! - [`logger`]: log destinations and rate limiting.
 pub mod conf;
@@ -25,6 +26,7 @@ pub mod fwd;
 pub mod icmp;
 pub mod l2;
 pub mod logger;
+pub mod sys;
 pub mod tap;
 pub mod tcp;
 pub mod udp;

@@ -978,7 +978,6 @@ fn flow_socket(target: SocketAddr, port: u16) -> Result<OwnedFd, Errno> {
     // connected, each still receives only its own peer's datagrams.
     socket::setsockopt(&sock, sockopt::ReuseAddr, &true)?;
     let fd = sock.as_raw_fd();
-    let on: libc::c_int = 1;
     let (level, opt) = match target {
         SocketAddr::V4(_) => (libc::SOL_IP, libc::IP_RECVERR),
         SocketAddr::V6(_) => {
@@ -987,30 +986,10 @@ fn flow_socket(target: SocketAddr, port: u16) -> Result<OwnedFd, Errno> {
             (libc::SOL_IPV6, libc::IPV6_RECVERR)
         }
     };
-    // SAFETY: `on` outlives the call and its size is passed along.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(Errno::last());
-    }
+    crate::sys::setsockopt_int(fd, level, opt, 1).map_err(|_| Errno::last())?;
     // Drop counts on received datagrams: what overflowed while the flow waited for room.
-    // SAFETY: as above. Without it (never seen) the count just stays at zero.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RXQ_OVFL,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    // Without it (never seen) the count just stays at zero.
+    let _ = crate::sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1);
     let unspecified = wire::unspecified_like(target.ip());
     let local: SockaddrStorage = SocketAddr::new(unspecified, port).into();
     if socket::bind(fd, &local).is_err() {

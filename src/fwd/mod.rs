@@ -17,6 +17,7 @@
 
 pub mod spec;
 
+use crate::sys::{cvt, setsockopt_int};
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -209,33 +210,6 @@ pub struct FwdError {
 const FD_RESERVE: u64 = 4096;
 const LISTEN_BACKLOG: libc::c_int = 128;
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    v: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: the option value is a live c_int of the length given.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&v as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
 /// `SocketAddr` to a `sockaddr_storage` and its length.
 pub fn to_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
@@ -326,16 +300,7 @@ pub fn bind_socket(
         )?;
     }
     if let Some(name) = iface {
-        // SAFETY: the name's bytes are live for the call, the length is theirs.
-        cvt(unsafe {
-            libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_BINDTODEVICE,
-                name.as_ptr().cast(),
-                name.len() as libc::socklen_t,
-            )
-        })?;
+        crate::sys::bind_to_device(raw, name)?;
     }
     let (ss, len) = to_sockaddr(addr);
     // SAFETY: ss holds a sockaddr of length len.

@@ -9,6 +9,7 @@
 //! lower offset.
 
 use crate::fwd::to_sockaddr;
+use crate::sys::{cvt, getsockopt_int, setsockopt_int};
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
@@ -31,49 +32,6 @@ pub struct HostSock {
     /// Where the kernel's peek offset stands, if we know: a peek moves it past what it
     /// returned, so consecutive segments need no `setsockopt` in between.
     peek_at: Option<usize>,
-}
-
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    v: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: the option value is a live c_int of the length given.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&v as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
-fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: v and len are live and sized for an int option.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(v)
 }
 
 impl HostSock {
@@ -102,16 +60,7 @@ impl HostSock {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let raw = fd.as_raw_fd();
         if let Some(name) = bind_if {
-            // SAFETY: the name's bytes are live for the call, the length is theirs.
-            cvt(unsafe {
-                libc::setsockopt(
-                    raw,
-                    libc::SOL_SOCKET,
-                    libc::SO_BINDTODEVICE,
-                    name.as_ptr().cast(),
-                    name.len() as libc::socklen_t,
-                )
-            })?;
+            crate::sys::bind_to_device(raw, name)?;
         }
         if let Some(a) = bind_addr {
             let (ss, len) = to_sockaddr(SocketAddr::new(a, 0));
