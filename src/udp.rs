@@ -802,30 +802,11 @@ fn emit_udp(
     from: SocketAddr,
     to: SocketAddr,
 ) -> Option<()> {
-    let hlen = wire::l3_header_len(from.is_ipv6());
-    let udp_len = frame.len().checked_sub(hlen)?;
-    let len16 = u16::try_from(udp_len).ok()?;
-    let udp = &mut frame[hlen..];
-    udp[0..2].copy_from_slice(&from.port().to_be_bytes());
-    udp[2..4].copy_from_slice(&to.port().to_be_bytes());
-    udp[4..6].copy_from_slice(&len16.to_be_bytes());
-    udp[6..8].fill(0);
-    let mut sum = wire::l4_checksum(from.ip(), to.ip(), IpProtocol::Udp, &[udp]);
-    // Zero means "no checksum": a computed zero is sent as its other form.
-    if sum == 0 {
-        sum = 0xffff;
-    }
-    udp[6..8].copy_from_slice(&sum.to_be_bytes());
-    wire::emit_l3(
-        &mut frame[..hlen],
-        guest_mac,
-        our_mac,
-        from.ip(),
-        to.ip(),
-        IpProtocol::Udp,
-        udp_len,
-    )?;
-    Some(())
+    let payload_at = wire::l3_header_len(from.is_ipv6()) + UDP_HLEN;
+    let payload_len = frame.len().checked_sub(payload_at)?;
+    let (hdr, payload) = frame.split_at_mut(payload_at);
+    let sum = wire::PartialSum::of(payload).value();
+    udp_header(hdr, guest_mac, our_mac, from, to, payload_len, sum)
 }
 
 /// One datagram received in place, headers written around it.

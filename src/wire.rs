@@ -156,15 +156,14 @@ pub fn icmp4_checksum(parts: &[&[u8]]) -> u16 {
 
 /// Sums parts that may have odd lengths, as if they were one contiguous buffer.
 fn combine_parts(initial: u16, parts: &[&[u8]]) -> u16 {
-    let mut sum = initial;
-    let mut odd = false;
+    let mut acc = PartialSum {
+        sum: initial,
+        odd: false,
+    };
     for p in parts {
-        let s = checksum::data(p);
-        // A part starting at an odd offset contributes with its bytes swapped.
-        sum = checksum::combine(&[sum, if odd { s.swap_bytes() } else { s }]);
-        odd ^= p.len() % 2 == 1;
+        acc.add(p);
     }
-    sum
+    acc.sum
 }
 
 /// Whether `a` is a unicast address a guest may use as a source or destination.
