@@ -121,6 +121,14 @@ pub trait FrameHandler {
     /// Handles one Ethernet frame from the guest (virtio header already stripped). Replies
     /// go to `to_guest`; the caller flushes after the batch.
     fn handle_frame(&mut self, frame: &[u8], to_guest: &mut dyn ToGuest);
+
+    /// Ends a batch of frames. The bytes of every frame handed to [`Self::handle_frame`]
+    /// since the last call stay where they are (mapped, not reused by the back-end, not
+    /// given back to the guest) until this returns. A handler may therefore defer work on
+    /// them, keeping raw pointers (never references: in vhost-user mode the bytes may be
+    /// guest memory) to gather several frames' payloads into one system call, and must
+    /// finish that work here.
+    fn end_batch(&mut self, _to_guest: &mut dyn ToGuest) {}
 }
 
 /// Frames shorter than this (without FCS) are padded with zeroes on the way to the guest.

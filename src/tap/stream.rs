@@ -317,6 +317,8 @@ impl StreamTap {
             engine.handle_frame(frame, &mut self.writer);
             at += LEN_BYTES + len;
         }
+        // Before the compaction below moves the frames' bytes.
+        engine.end_batch(&mut self.writer);
         self.rbuf.copy_within(at..self.rlen, 0);
         self.rlen -= at;
         true
@@ -327,16 +329,34 @@ impl StreamTap {
 mod tests {
     use super::*;
 
-    /// Records frames and answers each with a copy of itself.
+    /// Records frames and answers each with a copy of itself; keeps raw pointers to the
+    /// frames of a batch, as a handler gathering payloads would, and checks them at its end.
     #[derive(Default)]
     struct Echo {
         seen: Vec<Vec<u8>>,
+        held: Vec<(*const u8, usize)>,
+        /// Frames seen when each batch ended.
+        batches: Vec<usize>,
     }
 
     impl FrameHandler for Echo {
         fn handle_frame(&mut self, frame: &[u8], to_guest: &mut dyn ToGuest) {
             self.seen.push(frame.to_vec());
+            self.held.push((frame.as_ptr(), frame.len()));
             assert!(to_guest.send(&[&frame[..7], &frame[7..]]));
+        }
+
+        fn end_batch(&mut self, _: &mut dyn ToGuest) {
+            let first = self.seen.len() - self.held.len();
+            for (k, (ptr, len)) in self.held.drain(..).enumerate() {
+                // SAFETY: frames stay in place until their batch ends.
+                let now = unsafe { std::slice::from_raw_parts(ptr, len) };
+                assert!(
+                    now == self.seen[first + k],
+                    "a frame moved before its batch ended"
+                );
+            }
+            self.batches.push(self.seen.len());
         }
     }
 
@@ -370,6 +390,7 @@ mod tests {
         qemu.write_all(&bytes[4 + 20 + 3..]).unwrap();
         assert_eq!(tap.handle_readable(&mut echo), StreamEvent::Open);
         assert_eq!(echo.seen, vec![a.clone(), b.clone()]);
+        assert_eq!(echo.batches, vec![1, 2], "one batch per read");
 
         let reply = read_framed(&mut qemu);
         assert_eq!(reply.len(), ETH_MIN_FRAME);

@@ -629,6 +629,11 @@ pub(crate) mod testutil {
             (h, Descriptor::from(d).addr().0)
         }
 
+        /// Guest address of the used ring.
+        pub fn used_addr(&self) -> u64 {
+            self.used
+        }
+
         pub fn used_idx(&self) -> u16 {
             self.mem
                 .load::<u16>(GuestAddress(self.used + 2), Ordering::Acquire)

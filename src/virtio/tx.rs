@@ -12,13 +12,18 @@
 //! A frame in one descriptor is lent to the engine as a slice of guest memory: no copy. This
 //! is the common case (Linux pushes the header into the skb headroom when it can, and without
 //! scatter-gather offloads the skb is linear). A frame in several descriptors, or one crossing
-//! two memory regions, is copied into a scratch buffer allocated once, because the engine
-//! parses contiguous frames and building an owned one per frame would allocate.
+//! two memory regions, is copied into an arena allocated once, because the engine parses
+//! contiguous frames and building an owned one per frame would allocate.
 //!
 //! The slice aliases memory the guest can write at any time. A well-behaved guest doesn't
 //! touch a buffer it has made available, so this only matters against a malicious guest,
 //! which could make a field change between two reads of it; [`TxQueue::new`]'s `copy_always`
-//! switches every frame to the scratch copy for those who prefer a private snapshot.
+//! switches every frame to the arena copy for those who prefer a private snapshot.
+//!
+//! Frames of one drain are a batch ([`FrameHandler::end_batch`]): copies go back to back in
+//! the arena and lent chains stay unpublished until the engine has ended the batch, so it
+//! can gather the payloads of several segments into one `sendmsg`. A batch that fills the
+//! arena ends early.
 //!
 //! A chain is processed at most once and always returned, whatever its contents: a bad chain
 //! is counted and returned with length 0. Each drain handles at most `budget` chains; if more
@@ -34,6 +39,9 @@ use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
 const ETH_HLEN: usize = 14;
 /// Most descriptors we accept in one TX chain. Linux uses at most MAX_SKB_FRAGS + 2.
 const MAX_TX_SEGS: usize = 64;
+/// Room for the copies of one batch of frames (see [`FrameHandler::end_batch`]): a full
+/// drain of MTU-sized frames, or eight of the largest.
+const TX_ARENA: usize = 8 * MAX_FRAME;
 
 /// TX counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,7 +50,7 @@ pub struct TxStats {
     pub frames: u64,
     /// Their bytes (without virtio-net header).
     pub bytes: u64,
-    /// Frames that had to be copied into the scratch buffer.
+    /// Frames that had to be copied into the arena.
     pub linearized: u64,
     /// Chains discarded because the ring was disabled (spec: process and discard).
     pub discarded: u64,
@@ -62,7 +70,9 @@ pub struct TxQueue {
     enabled: bool,
     copy_always: bool,
     segs: Segments,
-    scratch: Box<[u8]>,
+    /// Copied frames of the current batch, back to back; `arena_used` bytes are taken.
+    arena: Box<[u8]>,
+    arena_used: usize,
     stats: TxStats,
     log: LogLimit,
 }
@@ -77,7 +87,8 @@ impl TxQueue {
             enabled: false,
             copy_always,
             segs: Segments::with_capacity(MAX_TX_SEGS),
-            scratch: vec![0u8; MAX_FRAME].into_boxed_slice(),
+            arena: vec![0u8; TX_ARENA].into_boxed_slice(),
+            arena_used: 0,
             stats: TxStats::default(),
             log: LogLimit::default(),
         }
@@ -159,6 +170,9 @@ impl TxQueue {
                 break false;
             }
         };
+        // The engine finishes deferred work on this batch's frames before their chains go
+        // back to the guest.
+        self.end_batch(to_guest, engine);
         self.ring.publish();
         more
     }
@@ -170,7 +184,16 @@ impl TxQueue {
         }
     }
 
+    fn end_batch(&mut self, to_guest: &mut dyn ToGuest, engine: &mut dyn FrameHandler) {
+        engine.end_batch(to_guest);
+        self.arena_used = 0;
+    }
+
     fn frame(&mut self, total: u32, to_guest: &mut dyn ToGuest, engine: &mut dyn FrameHandler) {
+        if self.arena.len() - self.arena_used < (total as usize).min(MAX_FRAME) {
+            // The arena is full: the batch ends early, its chains still ours until publish.
+            self.end_batch(to_guest, engine);
+        }
         let Some(mem) = self.ring.mem() else {
             return;
         };
@@ -179,7 +202,7 @@ impl TxQueue {
             self.segs.as_slice(),
             total as usize,
             self.hdr_len,
-            &mut self.scratch,
+            &mut self.arena[self.arena_used..],
             self.copy_always,
         );
         match res {
@@ -187,6 +210,10 @@ impl TxQueue {
                 self.stats.frames += 1;
                 self.stats.bytes += frame.len() as u64;
                 self.stats.linearized += u64::from(copied);
+                if copied {
+                    // Kept word-aligned, so the next frame's headers are too.
+                    self.arena_used += frame.len().next_multiple_of(8);
+                }
                 engine.handle_frame(frame, to_guest);
             }
             Err(e) => {
@@ -200,7 +227,8 @@ impl TxQueue {
 }
 
 /// Finds the frame behind the header in `segs`: a slice of guest memory if it is contiguous
-/// there (and `copy_always` is off), else a copy in `scratch`. The flag says which.
+/// there (and `copy_always` is off), else a copy at the start of `scratch`. The flag says
+/// which.
 fn extract<'a>(
     mem: &'a GuestMemoryMmap,
     segs: &[Seg],
@@ -213,7 +241,7 @@ fn extract<'a>(
         return (Err(ChainError::TooShort), false);
     }
     let frame_len = total - hdr_len;
-    if frame_len > scratch.len() {
+    if frame_len > MAX_FRAME || frame_len > scratch.len() {
         return (Err(ChainError::TooLong), false);
     }
     // Skip the header, which may span descriptors.
@@ -360,6 +388,73 @@ mod tests {
         tx.drain(&mut Sink::default(), &mut eng, 64);
         assert_eq!(eng.frames, vec![f]);
         assert_eq!(tx.stats().linearized, 1);
+    }
+
+    /// Keeps raw pointers to the frames of a batch, as a handler gathering payloads would,
+    /// and checks them at the end of the batch.
+    struct Batcher {
+        held: Vec<(*const u8, usize)>,
+        expect: Vec<Vec<u8>>,
+        batches: Vec<usize>,
+        used_at_end: Vec<u16>,
+        used_idx: Box<dyn Fn() -> u16>,
+    }
+
+    impl FrameHandler for Batcher {
+        fn handle_frame(&mut self, frame: &[u8], _: &mut dyn ToGuest) {
+            self.held.push((frame.as_ptr(), frame.len()));
+        }
+        fn end_batch(&mut self, _: &mut dyn ToGuest) {
+            for (ptr, len) in self.held.drain(..) {
+                // SAFETY: the back-end keeps a batch's frames in place until this returns.
+                let now = unsafe { std::slice::from_raw_parts(ptr, len) };
+                assert!(
+                    now == self.expect.remove(0),
+                    "a frame moved before its batch ended"
+                );
+            }
+            self.batches.push(self.batches.len());
+            self.used_at_end.push((self.used_idx)());
+        }
+    }
+
+    #[test]
+    fn a_batch_stays_in_place_until_it_ends_before_the_chains_go_back() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let mut tx = TxQueue::new(256, true);
+        tx.start(mem.clone(), &d.config(), NetFeatures::from_acked(1 << 32))
+            .expect("start");
+        tx.set_enabled(true);
+        // Ten copies of 60000 bytes: the arena takes eight, so the batch ends early once.
+        let frames: Vec<Vec<u8>> = (0..10).map(|i| frame(60_000, i)).collect();
+        for f in &frames {
+            d.tx(f, &[]); // one descriptor each: the ring has 16
+        }
+        let (m, used) = (mem.clone(), d.used_addr());
+        let mut eng = Batcher {
+            held: Vec::new(),
+            expect: frames,
+            batches: Vec::new(),
+            used_at_end: Vec::new(),
+            used_idx: Box::new(move || {
+                m.load::<u16>(GuestAddress(used + 2), Ordering::Acquire)
+                    .expect("used idx")
+            }),
+        };
+        assert!(!tx.drain(&mut Sink::default(), &mut eng, 64));
+        assert!(
+            eng.expect.is_empty(),
+            "{} frames never checked",
+            eng.expect.len()
+        );
+        assert_eq!(eng.batches.len(), 2, "an early end, then the drain's own");
+        assert_eq!(
+            eng.used_at_end,
+            vec![0, 0],
+            "chains went back before the batch ended"
+        );
+        assert_eq!(d.used_idx(), 10);
     }
 
     #[test]
