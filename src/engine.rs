@@ -413,6 +413,13 @@ impl FrameHandler for Engine {
             _ => self.stats.unsupported += 1,
         }
     }
+
+    fn end_batch(&mut self, to_guest: &mut dyn ToGuest) {
+        let macs = self.macs();
+        if let Some(tcp) = self.tcp.as_mut() {
+            tcp.end_batch(self.now, macs, to_guest);
+        }
+    }
 }
 
 #[cfg(test)]

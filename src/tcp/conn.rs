@@ -68,8 +68,9 @@ const HDR_MAX: usize = wire::ETH_HLEN + wire::IPV6_HLEN + TCP_HLEN + 8;
 
 /// The host socket, as the connection logic sees it. Calls never block.
 pub trait SockOps {
-    /// Writes stream data; `Ok(n)` bytes taken, `WouldBlock` if none.
-    fn send(&mut self, data: &[u8]) -> io::Result<usize>;
+    /// Writes stream data gathered from `iov` (raw: they may point into guest memory);
+    /// `Ok(n)` bytes taken, `WouldBlock` if none.
+    fn send(&mut self, iov: &[libc::iovec]) -> io::Result<usize>;
     /// Copies up to `want` bytes of received data, starting `skip` bytes past the first
     /// unconsumed byte, to the start of `buf` (which may be used as scratch beyond that).
     /// `Ok(0)`: end of stream right there; `WouldBlock`: nothing more yet.
@@ -101,7 +102,36 @@ pub struct Seg<'a> {
     pub wnd: u16,
     pub mss: Option<u16>,
     pub ws: Option<u8>,
-    pub payload: &'a [u8],
+    pub payload: Payload<'a>,
+}
+
+/// A segment's data: its own bytes, or, for a run of consecutive segments the table
+/// gathered into one ([`crate::tcp::Tcp`]'s batching), their payloads in order, as raw
+/// iovecs into frames that stay in place until the batch ends
+/// ([`crate::tap::FrameHandler::end_batch`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    Bytes(&'a [u8]),
+    Gathered { iov: &'a [libc::iovec], len: usize },
+}
+
+impl Payload<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Bytes(b) => b.len(),
+            Payload::Gathered { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<'a> From<&'a [u8]> for Payload<'a> {
+    fn from(b: &'a [u8]) -> Self {
+        Payload::Bytes(b)
+    }
 }
 
 /// Addresses of a connection as frames to the guest carry them.
@@ -422,25 +452,42 @@ impl Conn {
         let mut all_taken = true;
         if len > 0 {
             ack_needed = true;
-            if off < 0 || off as usize > len {
-                all_taken = false;
-            } else if !self.has(ev::TAP_FIN_RCVD) {
-                let data = &seg.payload[off as usize..];
-                let n = if data.is_empty() {
-                    0
-                } else {
-                    match sock.send(data) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
-                        Err(e) => {
-                            log::debug!("tcp: send to {} failed: {e}", self.ends.remote.0);
-                            self.rst_to_tap(out);
-                            return Verdict::Abort;
+            // A gathered run starts where we expect, by construction; an overlap is
+            // only ever a single segment's.
+            let off = usize::try_from(off)
+                .ok()
+                .filter(|&o| o <= len && (o == 0 || matches!(seg.payload, Payload::Bytes(_))));
+            match off {
+                None => all_taken = false,
+                Some(_) if self.has(ev::TAP_FIN_RCVD) => {}
+                Some(off) => {
+                    let one;
+                    let iov = match seg.payload {
+                        Payload::Bytes(b) => {
+                            one = [libc::iovec {
+                                iov_base: b[off..].as_ptr().cast_mut().cast(),
+                                iov_len: len - off,
+                            }];
+                            &one[..]
                         }
-                    }
-                };
-                self.seq_from_tap = self.seq_from_tap.wrapping_add(n as u32);
-                all_taken = n == data.len();
+                        Payload::Gathered { iov, .. } => iov,
+                    };
+                    let n = if off == len {
+                        0
+                    } else {
+                        match sock.send(iov) {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+                            Err(e) => {
+                                log::debug!("tcp: send to {} failed: {e}", self.ends.remote.0);
+                                self.rst_to_tap(out);
+                                return Verdict::Abort;
+                            }
+                        }
+                    };
+                    self.seq_from_tap = self.seq_from_tap.wrapping_add(n as u32);
+                    all_taken = n == len - off;
+                }
             }
         }
         if len == 0 && !seg.fin && seq_diff(seg.seq, self.seq_from_tap) < 0 {
@@ -498,6 +545,12 @@ impl Conn {
         self.send_ack(out, sock);
         // The client may have sent data (or closed) while we waited.
         self.sock_to_tap(now, sock, out)
+    }
+
+    /// Whether in-order data starting at `seq` would go straight to the socket: what a
+    /// gathered run ([`Payload::Gathered`]) may start with.
+    pub fn takes_data_at(&self, seq: u32) -> bool {
+        self.has(ev::ESTABLISHED) && !self.has(ev::TAP_FIN_RCVD) && seq == self.seq_from_tap
     }
 
     fn check_done(&self) -> Verdict {
@@ -1036,15 +1089,25 @@ pub(crate) mod tests {
         pub shut_wr: bool,
         /// Supports [`SockOps::peek_iov`].
         pub in_place: bool,
+        /// Calls to [`SockOps::send`].
+        pub sends: usize,
     }
 
     impl SockOps for FakeSock {
-        fn send(&mut self, data: &[u8]) -> io::Result<usize> {
-            let n = data.len().min(self.take_max.unwrap_or(usize::MAX));
+        fn send(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+            self.sends += 1;
+            let mut room = self.take_max.unwrap_or(usize::MAX);
+            let mut n = 0;
+            for v in iov {
+                let k = v.iov_len.min(room);
+                // SAFETY: the tests' iovecs point at live buffers of their length.
+                let data = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, k) };
+                self.sent.extend_from_slice(data);
+                (room, n) = (room - k, n + k);
+            }
             if n == 0 {
                 return Err(ErrorKind::WouldBlock.into());
             }
-            self.sent.extend_from_slice(&data[..n]);
             Ok(n)
         }
         fn peek(&mut self, skip: usize, want: usize, buf: &mut [u8]) -> io::Result<usize> {
@@ -1232,7 +1295,7 @@ pub(crate) mod tests {
             wnd: 1000,
             mss: None,
             ws: None,
-            payload,
+            payload: payload.into(),
         }
     }
 

@@ -90,7 +90,7 @@ use crate::logger::Limiter;
 use crate::tap::ToGuest;
 use crate::wire;
 
-use conn::{flag, Conn, Ends, Header, Out, Seg, SockOps, Verdict};
+use conn::{flag, Conn, Ends, Header, Out, Payload, Seg, SockOps, Verdict};
 pub use sock::HostSock;
 
 /// IP protocol number of TCP, in flow keys.
@@ -102,6 +102,73 @@ const MAX_IP_PACKET: usize = 65535 - wire::ETH_HLEN;
 /// Shortest wait before a flow's next visit: a deadline already past is served by the next
 /// timer pass, not again within this one.
 const MIN_STEP: Duration = Duration::from_millis(1);
+/// Most segments gathered into one `sendmsg` (the kernel's `UIO_MAXIOV`).
+const RUN_MAX_SEGS: usize = 1024;
+
+/// Consecutive data segments of one flow, gathered within a batch of guest frames to reach
+/// the socket in one `sendmsg` and be acknowledged with one ACK.
+///
+/// Only plain in-order data joins a run (ACK set, no SYN, FIN or RST, the sequence number
+/// the flow or the run expects next); any other segment ends the run first, so segments
+/// are still handled in the order the guest sent them. The acknowledgment number and
+/// window are the last segment's: cumulative, they supersede the earlier ones.
+struct Run {
+    flow: Option<FlowIdx>,
+    seq: u32,
+    next: u32,
+    ack: u32,
+    wnd: u16,
+    len: usize,
+    /// Payloads, pointing into the batch's frames ([`crate::tap::FrameHandler::end_batch`]).
+    iov: Vec<libc::iovec>,
+}
+
+impl Run {
+    fn new() -> Self {
+        Run {
+            flow: None,
+            seq: 0,
+            next: 0,
+            ack: 0,
+            wnd: 0,
+            len: 0,
+            iov: Vec::with_capacity(RUN_MAX_SEGS),
+        }
+    }
+
+    /// Whether `seg` for flow `idx` continues this run.
+    fn extends(&self, idx: FlowIdx, seg: &Seg) -> bool {
+        self.flow == Some(idx) && seg.seq == self.next && self.iov.len() < RUN_MAX_SEGS
+    }
+
+    fn push(&mut self, idx: FlowIdx, seg: &Seg, data: &[u8]) {
+        if self.flow.is_none() {
+            self.flow = Some(idx);
+            self.seq = seg.seq;
+            self.next = seg.seq;
+        }
+        self.next = self.next.wrapping_add(data.len() as u32);
+        self.ack = seg.ack.unwrap_or(self.ack);
+        self.wnd = seg.wnd;
+        self.len += data.len();
+        self.iov.push(libc::iovec {
+            iov_base: data.as_ptr().cast_mut().cast(),
+            iov_len: data.len(),
+        });
+    }
+}
+
+/// Plain in-order data, the only kind a [`Run`] gathers: its payload, if so.
+fn plain_data<'a>(seg: &Seg<'a>) -> Option<&'a [u8]> {
+    match seg.payload {
+        Payload::Bytes(p)
+            if !p.is_empty() && seg.ack.is_some() && !(seg.syn || seg.fin || seg.rst) =>
+        {
+            Some(p)
+        }
+        _ => None,
+    }
+}
 
 /// What the TCP translation needs from the configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -199,6 +266,8 @@ pub struct Tcp<S: Socket = HostSock> {
     listeners: Vec<Listener>,
     /// Each flow's next deadline.
     timers: Timers,
+    /// Guest data waiting for the end of the batch.
+    run: Run,
 }
 
 impl<S: Socket> Tcp<S> {
@@ -225,6 +294,7 @@ impl<S: Socket> Tcp<S> {
             isn_key,
             listeners: Vec::new(),
             timers: Timers::new(),
+            run: Run::new(),
         }
     }
 
@@ -447,7 +517,7 @@ impl<S: Socket> Tcp<S> {
             wnd: repr.window_len,
             mss: repr.max_seg_size,
             ws: repr.window_scale,
-            payload: repr.payload,
+            payload: repr.payload.into(),
         };
         let key = FlowKey {
             proto: PROTO_TCP,
@@ -460,7 +530,25 @@ impl<S: Socket> Tcp<S> {
             guest: (src, repr.src_port),
             remote: (dst, repr.dst_port),
         };
-        match self.table.lookup(&key) {
+        let found = self.table.lookup(&key);
+        if let (Some(idx), Some(data)) = (found, plain_data(&seg)) {
+            if self.run.extends(idx, &seg) {
+                self.run.push(idx, &seg, data);
+                return;
+            }
+        }
+        self.end_batch(now, macs, to_guest);
+        if let (Some(idx), Some(data)) = (found, plain_data(&seg)) {
+            if self
+                .table
+                .get(idx)
+                .is_some_and(|f| f.conn.takes_data_at(seg.seq))
+            {
+                self.run.push(idx, &seg, data);
+                return;
+            }
+        }
+        match found {
             Some(idx) => {
                 let Tcp { table, buf, .. } = self;
                 let Some(flow) = table.get_mut(idx) else {
@@ -565,6 +653,48 @@ impl<S: Socket> Tcp<S> {
             key.guest_addr,
             key.guest_port
         );
+    }
+
+    /// Ends a batch of guest frames: gathered data goes to its socket, and the guest gets
+    /// its ACK. Call before the frames of the batch go away (see [`Run`]).
+    pub fn end_batch(&mut self, now: Instant, macs: Macs, to_guest: &mut dyn ToGuest) {
+        let Some(idx) = self.run.flow.take() else {
+            return;
+        };
+        let Tcp {
+            table, buf, run, ..
+        } = self;
+        let seg = Seg {
+            seq: run.seq,
+            ack: Some(run.ack),
+            syn: false,
+            fin: false,
+            rst: false,
+            wnd: run.wnd,
+            mss: None,
+            ws: None,
+            payload: Payload::Gathered {
+                iov: &run.iov,
+                len: run.len,
+            },
+        };
+        let v = match table.get_mut(idx) {
+            Some(flow) => {
+                let mut out = Out {
+                    to_guest,
+                    guest_mac: macs.guest,
+                    our_mac: macs.ours,
+                    buf,
+                };
+                Some(flow.conn.tap_segment(&seg, now, &mut flow.sock, &mut out))
+            }
+            None => None,
+        };
+        run.iov.clear();
+        run.len = 0;
+        if let Some(v) = v {
+            self.finish(idx, v, now);
+        }
     }
 
     /// A flow's socket reported `events`.
@@ -822,8 +952,11 @@ mod tests {
         })
     }
 
+    /// One segment, as a batch of its own.
     fn feed(t: &mut Tcp<FakeSock>, l4: &[u8], reg: &mut Reg, sink: &mut Sink) {
-        t.from_guest(G.into(), R.into(), l4, Instant::now(), MACS, reg, sink);
+        let now = Instant::now();
+        t.from_guest(G.into(), R.into(), l4, now, MACS, reg, sink);
+        t.end_batch(now, MACS, sink);
     }
 
     fn sink() -> Sink {
@@ -1156,6 +1289,77 @@ mod tests {
     }
 
     #[test]
+    fn a_run_of_data_segments_is_one_send_and_one_ack_at_the_end_of_the_batch() {
+        let mut t = tcp(8);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let t0 = Instant::now();
+        let (r, our) = establish(&mut t, 1000, t0, &mut reg, &mut s);
+        // The frames stay in place until the batch ends, as the back-ends guarantee.
+        let frames = [
+            segment(1000, 6, Some(our), 0, b"abc", false),
+            segment(1000, 9, Some(our), 0, b"defg", false),
+            segment(1000, 13, Some(our), 0, b"hi", false),
+        ];
+        for f in &frames {
+            t.from_guest(G.into(), R.into(), f, t0, MACS, &mut reg, &mut s);
+        }
+        let sock = |t: &Tcp<FakeSock>| {
+            let f = t.table.get(r.idx).unwrap();
+            (f.sock.sent.clone(), f.sock.sends)
+        };
+        assert!(s.frames.is_empty(), "acknowledged before the batch ended");
+        assert_eq!(sock(&t), (vec![], 0));
+        t.end_batch(t0, MACS, &mut s);
+        assert_eq!(sock(&t), (b"abcdefghi".to_vec(), 1));
+        assert_eq!(s.frames.len(), 1);
+        assert_eq!(decode(&s.frames[0]).ack, 15);
+        // Nothing left for a second end.
+        t.end_batch(t0, MACS, &mut s);
+        assert_eq!((sock(&t).1, s.frames.len()), (1, 1));
+    }
+
+    #[test]
+    fn runs_end_at_another_flow_or_a_gap_and_ack_only_what_the_socket_took() {
+        let mut t = tcp(8);
+        let (mut reg, mut s) = (Reg(vec![]), sink());
+        let t0 = Instant::now();
+        let (a, our_a) = establish(&mut t, 1000, t0, &mut reg, &mut s);
+        let (b, our_b) = establish(&mut t, 2000, t0, &mut reg, &mut s);
+        let frames = [
+            segment(1000, 6, Some(our_a), 0, b"abc", false),
+            segment(2000, 6, Some(our_b), 0, b"xyz", false),
+            segment(1000, 9, Some(our_a), 0, b"de", false),
+            segment(1000, 20, Some(our_a), 0, b"zz", false), // a gap: dropped
+            segment(1000, 11, Some(our_a), 0, b"fghij", false),
+        ];
+        t.table.get_mut(a.idx).unwrap().sock.take_max = Some(3); // per send
+        for f in &frames {
+            t.from_guest(G.into(), R.into(), f, t0, MACS, &mut reg, &mut s);
+        }
+        t.end_batch(t0, MACS, &mut s);
+        let (fa, fb) = (t.table.get(a.idx).unwrap(), t.table.get(b.idx).unwrap());
+        assert_eq!(
+            (fa.sock.sent.as_slice(), fa.sock.sends),
+            (&b"abcdefgh"[..], 3)
+        );
+        assert_eq!((fb.sock.sent.as_slice(), fb.sock.sends), (&b"xyz"[..], 1));
+        let acks: Vec<(u16, u32)> = s
+            .frames
+            .iter()
+            .map(|f| {
+                let ((_, _), (_, port)) = ends_of(f);
+                (port, decode(f).ack)
+            })
+            .collect();
+        // A's first run, B's, A's second, the duplicate ACK for the gap, then A's third,
+        // of which the socket took three bytes of five: the guest resends the rest.
+        assert_eq!(
+            acks,
+            vec![(1000, 9), (2000, 9), (1000, 11), (1000, 11), (1000, 14)]
+        );
+    }
+
+    #[test]
     fn rto_fires_at_its_deadline_and_only_due_flows_are_visited() {
         const IDLE: u16 = 10_000;
         let mut t = tcp(usize::from(IDLE) + 1);
@@ -1211,6 +1415,7 @@ mod tests {
         t.table.get_mut(r.0.idx).unwrap().sock.space = 1000;
         let data = segment(1000, 6, Some(r.1), 0, b"abc", false);
         t.from_guest(G.into(), R.into(), &data, t0, MACS, &mut reg, &mut s);
+        t.end_batch(t0, MACS, &mut s);
         let ack = decode(&s.frames[0]);
         assert_eq!((ack.ack, ack.wnd), (9, 1000));
         s.frames.clear();

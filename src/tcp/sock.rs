@@ -177,16 +177,15 @@ impl HostSock {
 }
 
 impl SockOps for HostSock {
-    fn send(&mut self, data: &[u8]) -> io::Result<usize> {
-        // SAFETY: data is live for its length.
-        let r = unsafe {
-            libc::send(
-                self.raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
+    fn send(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr().cast_mut();
+        msg.msg_iovlen = iov.len();
+        // SAFETY: the iovecs describe live memory (the caller's contract: frames of the
+        // current batch), which the kernel only reads.
+        let r =
+            unsafe { libc::sendmsg(self.raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
         if r < 0 {
             Err(io::Error::last_os_error())
         } else {
