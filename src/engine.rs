@@ -17,7 +17,7 @@ use crate::flow::{FlowIdx, FlowRef};
 use crate::icmp::Icmp;
 use crate::l2::{self, Verdict, REPLY_BUF_LEN};
 use crate::logger::Limiter;
-use crate::tap::{FrameHandler, ToGuest};
+use crate::tap::{FrameHandler, Tail, ToGuest, MAX_FRAME};
 use crate::tcp::{Macs, Tcp, TcpConfig};
 use crate::udp::{Udp, UdpConfig};
 
@@ -57,6 +57,8 @@ pub struct Engine {
     tcp: Option<Box<Tcp>>,
     udp: Option<Udp>,
     reply: Box<[u8]>,
+    /// Split frames other than TCP data, copied together to be parsed whole.
+    linear: Box<[u8]>,
     registrar: EpollRegistrar,
     now: Instant,
     stats: EngineStats,
@@ -72,6 +74,7 @@ impl Engine {
             tcp: None,
             udp: None,
             reply: vec![0u8; REPLY_BUF_LEN].into_boxed_slice(),
+            linear: vec![0u8; MAX_FRAME].into_boxed_slice(),
             registrar,
             now: Instant::now(),
             stats: EngineStats::default(),
@@ -171,15 +174,97 @@ impl Engine {
         }
     }
 
-    fn tcp_segment(&mut self, src: IpAddr, dst: IpAddr, l4: &[u8], to_guest: &mut dyn ToGuest) {
+    fn tcp_segment(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        l4: &[u8],
+        tail: Tail,
+        to_guest: &mut dyn ToGuest,
+    ) {
         let macs = self.macs();
+        let (now, reg) = (self.now, &mut self.registrar);
         match self.tcp.as_mut() {
             Some(tcp) => {
                 self.stats.tcp += 1;
-                tcp.from_guest(src, dst, l4, self.now, macs, &mut self.registrar, to_guest);
+                tcp.from_guest_split(src, dst, l4, tail, now, macs, reg, to_guest);
             }
             None => self.stats.unsupported += 1,
         }
+    }
+
+    /// Counts a frame and learns the guest's MAC from it.
+    fn link_layer<'a>(&mut self, frame: &'a [u8]) -> Option<EthernetFrame<&'a [u8]>> {
+        self.stats.frames += 1;
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            self.malformed("Ethernet");
+            return None;
+        };
+        let src = eth.src_addr();
+        if src.is_unicast() {
+            self.guest_mac = src.0;
+        }
+        Some(eth)
+    }
+
+    /// A split frame ([`FrameHandler::handle_split_frame`]) carrying TCP data whose
+    /// headers all lie in `head`: handed to TCP with its tail where it is. Anything else
+    /// (`false`) is left to the whole-frame path, which also counts what is malformed.
+    fn split_tcp(&mut self, head: &[u8], tail: Tail, to_guest: &mut dyn ToGuest) -> bool {
+        const TCP_HLEN: usize = 20;
+        let Some(ip) = head.get(crate::wire::ETH_HLEN..) else {
+            return false;
+        };
+        let ethertype = u16::from_be_bytes([head[12], head[13]]);
+        // Addresses, where TCP starts in `ip`, and its length by the IP header.
+        let (src, dst, l4_off, l4_len) = match EthernetProtocol::from(ethertype) {
+            EthernetProtocol::Ipv4 if self.net.ip4.is_some() && ip.len() >= 20 => {
+                let p = Ipv4Packet::new_unchecked(ip);
+                let (hl, total) = (usize::from(p.header_len()), usize::from(p.total_len()));
+                if p.version() != 4
+                    || p.next_header() != IpProtocol::Tcp
+                    || !(20..=ip.len()).contains(&hl)
+                    || total < hl
+                    || !p.verify_checksum()
+                {
+                    return false;
+                }
+                (
+                    IpAddr::V4(p.src_addr()),
+                    IpAddr::V4(p.dst_addr()),
+                    hl,
+                    total - hl,
+                )
+            }
+            EthernetProtocol::Ipv6 if self.net.ip6.is_some() && ip.len() >= 40 => {
+                let p = Ipv6Packet::new_unchecked(ip);
+                if p.version() != 6 || p.next_header() != IpProtocol::Tcp {
+                    return false;
+                }
+                let len = usize::from(p.payload_len());
+                (IpAddr::V6(p.src_addr()), IpAddr::V6(p.dst_addr()), 40, len)
+            }
+            _ => return false,
+        };
+        let l4 = &ip[l4_off..];
+        let tcp_hlen = l4.get(12).map_or(usize::MAX, |b| usize::from(b >> 4) * 4);
+        if l4_len <= l4.len() || tcp_hlen < TCP_HLEN || tcp_hlen > l4.len() {
+            return false;
+        }
+        let tail_len = l4_len - l4.len();
+        if tail_len > tail.len {
+            return false; // truncated
+        }
+        if self.link_layer(head).is_none() {
+            return true;
+        }
+        self.learn_guest_addr(src, None);
+        let tail = Tail {
+            iov: tail.iov,
+            len: tail_len,
+        };
+        self.tcp_segment(src, dst, l4, tail, to_guest);
+        true
     }
 
     /// Turns on UDP translation (off until called: `--no-udp`).
@@ -321,6 +406,7 @@ impl Engine {
                 IpAddr::V4(pkt.src_addr()),
                 IpAddr::V4(pkt.dst_addr()),
                 pkt.payload(),
+                Tail::default(),
                 to_guest,
             ),
             IpProtocol::Udp => match self.udp.as_mut() {
@@ -373,6 +459,7 @@ impl Engine {
                 IpAddr::V6(pkt.src_addr()),
                 IpAddr::V6(pkt.dst_addr()),
                 pkt.payload(),
+                Tail::default(),
                 to_guest,
             ),
             IpProtocol::Udp => match self.udp.as_mut() {
@@ -393,14 +480,9 @@ fn udp_dst_port(l4: &[u8]) -> Option<u16> {
 
 impl FrameHandler for Engine {
     fn handle_frame(&mut self, frame: &[u8], to_guest: &mut dyn ToGuest) {
-        self.stats.frames += 1;
-        let Ok(eth) = EthernetFrame::new_checked(frame) else {
-            return self.malformed("Ethernet");
+        let Some(eth) = self.link_layer(frame) else {
+            return;
         };
-        let src = eth.src_addr();
-        if src.is_unicast() {
-            self.guest_mac = src.0;
-        }
         let payload = eth.payload();
         match eth.ethertype() {
             EthernetProtocol::Arp => {
@@ -412,6 +494,20 @@ impl FrameHandler for Engine {
             EthernetProtocol::Ipv6 if self.net.ip6.is_some() => self.ipv6(frame, payload, to_guest),
             _ => self.stats.unsupported += 1,
         }
+    }
+
+    /// TCP data keeps its tail in guest memory, to be sent from there; anything else is
+    /// copied together (the services and the other translations parse whole frames).
+    fn handle_split_frame(&mut self, head: &[u8], tail: Tail<'_>, to_guest: &mut dyn ToGuest) {
+        if self.split_tcp(head, tail, to_guest) {
+            return;
+        }
+        let mut linear = std::mem::take(&mut self.linear);
+        let n = head.len().min(linear.len());
+        linear[..n].copy_from_slice(&head[..n]);
+        let n = n + tail.copy_to(&mut linear[n..]);
+        self.handle_frame(&linear[..n], to_guest);
+        self.linear = linear;
     }
 
     fn end_batch(&mut self, to_guest: &mut dyn ToGuest) {
@@ -527,5 +623,82 @@ mod tests {
             "no socket can be watched without epoll"
         );
         assert!(sink.0.is_empty());
+    }
+
+    /// A guest TCP segment to 198.51.100.1:80 with `n` bytes of payload, as a frame.
+    fn tcp_frame(n: usize) -> Vec<u8> {
+        use crate::tcp::conn::{emit_segment, flag, Header};
+        let mut sink = Sink(Vec::new());
+        let payload: Vec<u8> = (0..n).map(|i| (i * 7) as u8).collect();
+        let h = Header {
+            seq: 1,
+            ack: 1,
+            flags: flag::ACK,
+            wnd: 1000,
+        };
+        let (g, r) = (
+            "192.0.2.2".parse().unwrap(),
+            "198.51.100.1".parse().unwrap(),
+        );
+        assert!(emit_segment(
+            &mut sink,
+            [1; 6],
+            [2; 6],
+            (g, 1000),
+            (r, 80),
+            h,
+            &[],
+            &payload
+        ));
+        sink.0.remove(0)
+    }
+
+    /// Hands `frame` over split at 256 bytes, its tail in two pieces of which the last
+    /// `short` bytes are missing.
+    fn split(e: &mut Engine, frame: &[u8], short: usize, sink: &mut Sink) {
+        let (head, tail) = frame.split_at(256);
+        let (a, b) = tail.split_at(tail.len() / 2);
+        let iov = [a, b].map(|p| libc::iovec {
+            iov_base: p.as_ptr().cast_mut().cast(),
+            iov_len: p.len(),
+        });
+        let tail = Tail {
+            iov: &iov,
+            len: tail.len() - short,
+        };
+        e.handle_split_frame(head, tail, sink);
+        e.end_batch(sink);
+    }
+
+    #[test]
+    fn split_tcp_frames_are_checked_where_they_lie_and_others_made_whole() {
+        let mut e = engine();
+        e.enable_tcp(crate::tcp::TcpConfig {
+            max_flows: 16,
+            ..Default::default()
+        });
+        let mut sink = Sink(Vec::new());
+        let mut frame = tcp_frame(3000);
+        // Good: parsed, checksum over both parts; no flow, so a RST.
+        split(&mut e, &frame, 0, &mut sink);
+        let t = e.tcp_stats().unwrap();
+        assert_eq!((t.segments, t.malformed, t.rst_unknown), (1, 0, 1));
+        assert_eq!(sink.0.len(), 1);
+        // A byte flipped in the tail's last piece: the checksum tells.
+        let last = frame.len() - 1;
+        frame[last] ^= 0x40;
+        split(&mut e, &frame, 0, &mut sink);
+        let t = e.tcp_stats().unwrap();
+        assert_eq!((t.segments, t.malformed, t.rst_unknown), (2, 1, 1));
+        // Shorter than its IP header says: the whole-frame path calls it malformed.
+        split(&mut e, &frame, 10, &mut sink);
+        assert_eq!(e.tcp_stats().unwrap().segments, 2);
+        assert_eq!(e.stats().malformed, 1);
+        // Not TCP (UDP is off): copied together and counted as the whole-frame path does.
+        frame[14 + 9] = 17;
+        Ipv4Packet::new_unchecked(&mut frame[14..34]).fill_checksum();
+        split(&mut e, &frame, 0, &mut sink);
+        let s = e.stats();
+        assert_eq!((s.frames, s.malformed, s.unsupported), (4, 1, 1));
     }
 }

@@ -359,8 +359,9 @@ pub fn run(
                 mtu: cfg.net.mtu,
                 // The engine's packet views read a header field more than once (checked
                 // length, then the payload range): a guest rewriting its TX buffer meanwhile
-                // could turn a checked view inconsistent. A private copy per frame removes
-                // that race until the views read each field once.
+                // could turn a checked view inconsistent. So the views only ever see a
+                // private copy: whole frames when short, the headers of long ones, whose
+                // TCP payload goes from guest memory to `sendmsg` (see virtio::tx).
                 tx_copy: true,
                 ..DeviceOptions::default()
             })),

@@ -37,7 +37,12 @@ fn downloads_and_uploads(mode: Mode) {
     let want = sha256(&file);
     eprintln!("{mode:?}: download sha256 {want}");
 
-    let (passt, mut guest) = common::passt_and_guest(&topo, mode, &["--one-off"]);
+    // Debug logging, to a file (the daemon has no stderr), for the counters passt logs
+    // when the guest goes.
+    let log_file = topo.dir().join("passt-debug.log");
+    let log_arg = log_file.to_str().expect("utf-8 path");
+    let (passt, mut guest) =
+        common::passt_and_guest(&topo, mode, &["--one-off", "-d", "-l", log_arg]);
     let started = Instant::now();
     let out = guest.run_ok("udhcpc -i eth0 -n -q -f 2>&1");
     assert!(out.contains(&format!("ip={HOST_V4}")), "udhcpc: {out}");
@@ -119,4 +124,31 @@ fn downloads_and_uploads(mode: Mode) {
     );
     assert!(passt.running(), "passt exited:\n{}", passt.log());
     assert!(guest.poweroff(Duration::from_secs(30)));
+    assert!(
+        passt.wait_exit(CMD_TIMEOUT),
+        "--one-off passt still running"
+    );
+    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+    let counters = |what: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("{what} counters")))
+            .unwrap_or_else(|| panic!("no {what} counters in the log:\n{log}"))
+            .to_string()
+    };
+    eprintln!("{mode:?}: {}", counters("tcp"));
+    if mode == Mode::VhostUser {
+        // The upload's payload went to the sockets straight from guest memory.
+        let tx = counters("vhost-user");
+        eprintln!("{mode:?}: {tx}");
+        let split: u64 = tx
+            .split("split: ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no split count in {tx}"));
+        assert!(
+            split as usize >= SIZE / 65536,
+            "only {split} split frames: {tx}"
+        );
+    }
 }

@@ -129,6 +129,75 @@ pub trait FrameHandler {
     /// guest memory) to gather several frames' payloads into one system call, and must
     /// finish that work here.
     fn end_batch(&mut self, _to_guest: &mut dyn ToGuest) {}
+
+    /// Handles one frame whose first bytes, `head`, were copied out of guest memory and
+    /// whose remaining bytes, `tail`, were left there, so that a payload can reach the
+    /// kernel straight from guest memory. `tail` stays valid until [`Self::end_batch`]
+    /// returns, like a frame's bytes.
+    ///
+    /// The default copies the frame together and calls [`Self::handle_frame`] (it
+    /// allocates: for handlers off the data path).
+    fn handle_split_frame(&mut self, head: &[u8], tail: Tail<'_>, to_guest: &mut dyn ToGuest) {
+        let mut frame = vec![0u8; head.len() + tail.len];
+        frame[..head.len()].copy_from_slice(head);
+        tail.copy_to(&mut frame[head.len()..]);
+        self.handle_frame(&frame, to_guest);
+    }
+}
+
+/// Most pieces a [`Tail`] has (a TX chain's descriptors).
+pub const MAX_TAIL_IOV: usize = 64;
+
+/// The part of a frame left in guest memory ([`FrameHandler::handle_split_frame`]): the
+/// first `len` bytes described by `iov`.
+///
+/// The iovecs are raw because the bytes are shared with the guest, which may (only if it
+/// misbehaves) write them while we read: they are read once, for a checksum or by the
+/// kernel, and never parsed, so such a guest can only corrupt its own data.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tail<'a> {
+    pub iov: &'a [libc::iovec],
+    pub len: usize,
+}
+
+impl<'a> Tail<'a> {
+    /// The pieces, cut to `len` bytes.
+    pub fn pieces(&self) -> impl Iterator<Item = libc::iovec> + 'a {
+        let mut left = self.len;
+        self.iov.iter().map_while(move |v| {
+            let n = v.iov_len.min(left);
+            left -= n;
+            (n > 0).then_some(libc::iovec {
+                iov_base: v.iov_base,
+                iov_len: n,
+            })
+        })
+    }
+
+    /// RFC 1071 sum of the bytes, as if they started at an even offset.
+    pub fn sum(&self) -> crate::wire::PartialSum {
+        let mut s = crate::wire::PartialSum::default();
+        for v in self.pieces() {
+            // SAFETY: the back-end guarantees the iovecs map readable memory until the
+            // batch ends; see the type's documentation for concurrent writes.
+            s.add(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+        }
+        s
+    }
+
+    /// Copies the bytes to the start of `out`; returns how many fit.
+    pub fn copy_to(&self, out: &mut [u8]) -> usize {
+        let mut at = 0;
+        for v in self.pieces() {
+            let n = v.iov_len.min(out.len() - at);
+            // SAFETY: as in `sum`; `out` is ours and has room for `n` more bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, out[at..].as_mut_ptr(), n)
+            };
+            at += n;
+        }
+        at
+    }
 }
 
 /// Frames shorter than this (without FCS) are padded with zeroes on the way to the guest.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use smoltcp::wire::{IpProtocol, TcpPacket};
 
-use crate::tap::{FrameWriter, SendWith, ToGuest};
+use crate::tap::{FrameWriter, SendWith, Tail, ToGuest};
 use crate::wire;
 
 /// TCP header flags.
@@ -60,8 +60,8 @@ pub const ACT_TIMEOUT: Duration = Duration::from_secs(7200);
 /// A half-closed connection with no traffic for this long is reset.
 pub const FIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often we look at the socket's send buffer while the window we show the guest is
-/// clamped ([`ev::WND_CLAMPED`]). A growing send buffer raises no event we could wait for
-/// (no send failed, so no EPOLLOUT edge comes), so we look.
+/// clamped ([`ev::WND_CLAMPED`]), in case no EPOLLOUT edge comes
+/// ([`SockOps::arm_write_space`]).
 pub const WND_POLL: Duration = Duration::from_millis(10);
 /// Largest header we emit: Ethernet + IPv6 + TCP with MSS and window scale options.
 const HDR_MAX: usize = wire::ETH_HLEN + wire::IPV6_HLEN + TCP_HLEN + 8;
@@ -87,6 +87,13 @@ pub trait SockOps {
     fn shutdown_write(&mut self) -> io::Result<()>;
     /// Free space in the send buffer, in bytes.
     fn send_space(&mut self) -> usize;
+    /// Asks for an EPOLLOUT edge once the send buffer drains. The kernel signals space
+    /// only to a socket it has seen full (`SOCK_NOSPACE`), and with the window we show
+    /// the guest our sends never fail, so it would never see one; a zero-timeout poll
+    /// makes it look. Without this, a guest that used up its window waits for
+    /// [`WND_POLL`], and the send buffer, which grows when the kernel finds it full, stays
+    /// small.
+    fn arm_write_space(&mut self);
     /// The pending socket error, if any (clears it).
     fn take_error(&mut self) -> Option<io::Error>;
 }
@@ -105,20 +112,30 @@ pub struct Seg<'a> {
     pub payload: Payload<'a>,
 }
 
-/// A segment's data: its own bytes, or, for a run of consecutive segments the table
-/// gathered into one ([`crate::tcp::Tcp`]'s batching), their payloads in order, as raw
-/// iovecs into frames that stay in place until the batch ends
-/// ([`crate::tap::FrameHandler::end_batch`]).
+/// A segment's data.
 #[derive(Debug, Clone, Copy)]
 pub enum Payload<'a> {
-    Bytes(&'a [u8]),
+    /// One segment's: bytes we hold (copied out of the frame, or a whole private frame),
+    /// then possibly a tail left in guest memory ([`Tail`]).
+    Frame { head: &'a [u8], tail: Tail<'a> },
+    /// A run of consecutive segments the table gathered into one ([`crate::tcp::Tcp`]'s
+    /// batching): their payloads in order, as raw iovecs into frames that stay in place
+    /// until the batch ends ([`crate::tap::FrameHandler::end_batch`]).
     Gathered { iov: &'a [libc::iovec], len: usize },
 }
 
-impl Payload<'_> {
+/// Most pieces a [`Payload::Frame`] is sent in: its head and a tail of up to
+/// [`crate::tap::MAX_TAIL_IOV`] pieces.
+const FRAME_PIECES: usize = 1 + crate::tap::MAX_TAIL_IOV;
+const NO_IOV: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
+
+impl<'a> Payload<'a> {
     pub fn len(&self) -> usize {
         match self {
-            Payload::Bytes(b) => b.len(),
+            Payload::Frame { head, tail } => head.len() + tail.len,
             Payload::Gathered { len, .. } => *len,
         }
     }
@@ -126,11 +143,46 @@ impl Payload<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The data past its first `skip` bytes, as iovecs (a frame's built in `room`). `None`
+    /// for a gathered run with `skip` > 0: runs start where the connection expects.
+    fn iov_from<'b>(&'b self, skip: usize, room: &'b mut [libc::iovec]) -> Option<&'b [libc::iovec]>
+    where
+        'a: 'b,
+    {
+        let (head, tail) = match *self {
+            Payload::Gathered { iov, .. } => return (skip == 0).then_some(iov),
+            Payload::Frame { head, tail } => (head, tail),
+        };
+        let head = libc::iovec {
+            iov_base: head.as_ptr().cast_mut().cast(),
+            iov_len: head.len(),
+        };
+        let (mut skip, mut n) = (skip, 0);
+        for mut v in std::iter::once(head).chain(tail.pieces()) {
+            if skip >= v.iov_len {
+                skip -= v.iov_len;
+                continue;
+            }
+            v.iov_base = v.iov_base.wrapping_byte_add(skip);
+            v.iov_len -= skip;
+            skip = 0;
+            let Some(slot) = room.get_mut(n) else {
+                break; // more pieces than a chain may have: the rest is resent
+            };
+            *slot = v;
+            n += 1;
+        }
+        Some(&room[..n])
+    }
 }
 
 impl<'a> From<&'a [u8]> for Payload<'a> {
-    fn from(b: &'a [u8]) -> Self {
-        Payload::Bytes(b)
+    fn from(head: &'a [u8]) -> Self {
+        Payload::Frame {
+            head,
+            tail: Tail::default(),
+        }
     }
 }
 
@@ -452,42 +504,30 @@ impl Conn {
         let mut all_taken = true;
         if len > 0 {
             ack_needed = true;
-            // A gathered run starts where we expect, by construction; an overlap is
-            // only ever a single segment's.
-            let off = usize::try_from(off)
-                .ok()
-                .filter(|&o| o <= len && (o == 0 || matches!(seg.payload, Payload::Bytes(_))));
-            match off {
+            let mut room = [NO_IOV; FRAME_PIECES];
+            match usize::try_from(off).ok().filter(|&o| o <= len) {
                 None => all_taken = false,
                 Some(_) if self.has(ev::TAP_FIN_RCVD) => {}
-                Some(off) => {
-                    let one;
-                    let iov = match seg.payload {
-                        Payload::Bytes(b) => {
-                            one = [libc::iovec {
-                                iov_base: b[off..].as_ptr().cast_mut().cast(),
-                                iov_len: len - off,
-                            }];
-                            &one[..]
-                        }
-                        Payload::Gathered { iov, .. } => iov,
-                    };
-                    let n = if off == len {
-                        0
-                    } else {
-                        match sock.send(iov) {
-                            Ok(n) => n,
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
-                            Err(e) => {
-                                log::debug!("tcp: send to {} failed: {e}", self.ends.remote.0);
-                                self.rst_to_tap(out);
-                                return Verdict::Abort;
+                Some(off) => match seg.payload.iov_from(off, &mut room) {
+                    None => all_taken = false,
+                    Some(iov) => {
+                        let n = if off == len {
+                            0
+                        } else {
+                            match sock.send(iov) {
+                                Ok(n) => n,
+                                Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+                                Err(e) => {
+                                    log::debug!("tcp: send to {} failed: {e}", self.ends.remote.0);
+                                    self.rst_to_tap(out);
+                                    return Verdict::Abort;
+                                }
                             }
-                        }
-                    };
-                    self.seq_from_tap = self.seq_from_tap.wrapping_add(n as u32);
-                    all_taken = n == len - off;
-                }
+                        };
+                        self.seq_from_tap = self.seq_from_tap.wrapping_add(n as u32);
+                        all_taken = n == len - off;
+                    }
+                },
             }
         }
         if len == 0 && !seg.fin && seq_diff(seg.seq, self.seq_from_tap) < 0 {
@@ -840,6 +880,7 @@ impl Conn {
         // send buffer drains.
         if space < (4 * usize::from(self.mss_link)).min(max / 2) {
             self.set(ev::WND_CLAMPED);
+            sock.arm_write_space();
         } else {
             self.events &= !ev::WND_CLAMPED;
         }
@@ -1091,6 +1132,8 @@ pub(crate) mod tests {
         pub in_place: bool,
         /// Calls to [`SockOps::send`].
         pub sends: usize,
+        /// Calls to [`SockOps::arm_write_space`].
+        pub armed: usize,
     }
 
     impl SockOps for FakeSock {
@@ -1158,6 +1201,9 @@ pub(crate) mod tests {
         }
         fn send_space(&mut self) -> usize {
             self.space
+        }
+        fn arm_write_space(&mut self) {
+            self.armed += 1;
         }
         fn take_error(&mut self) -> Option<io::Error> {
             self.error.take().map(io::Error::from)
@@ -1415,6 +1461,7 @@ pub(crate) mod tests {
         assert_eq!(a[0].ack, s.wrapping_add(3));
         assert_eq!(a[0].wnd, 1024 >> WS_TO_TAP);
         assert!(t.conn.has(ev::WND_CLAMPED));
+        assert!(t.sock.armed > 0, "no EPOLLOUT edge asked for");
         // The guest retransmits the whole segment: the overlap is skipped.
         t.sock.take_max = None;
         t.seg(Seg {

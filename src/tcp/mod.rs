@@ -13,9 +13,15 @@
 //! 2. The socket becomes writable (connected): SYN-ACK to the guest, with our MSS (what
 //!    fits the guest's link) and a window scale if the guest offered one. If it fails
 //!    instead: RST to the guest, flow freed.
-//! 3. Guest data: `send()` on the socket; the ACK to the guest covers only what the kernel
-//!    took (the guest retransmits the rest), and the window we show is the free space of
-//!    the socket's send buffer.
+//! 3. Guest data: consecutive in-order segments of a flow within one batch of guest frames
+//!    are gathered (a `Run`) and go to the socket in one `sendmsg` at the end of the batch,
+//!    answered by one ACK. In vhost-user mode their payload goes straight from guest memory
+//!    (only the headers are copied: [`crate::tap::FrameHandler::handle_split_frame`]). The
+//!    ACK covers only what the kernel took (the guest retransmits the rest), and the window
+//!    we show is the free space of the socket's send buffer as the kernel counts it
+//!    (`SO_MEMINFO`). When that window runs low, a zero-timeout `poll()` makes the kernel
+//!    mark the socket full, so that it grows the buffer and raises EPOLLOUT once a third is
+//!    free again, which reopens the window ([`conn::SockOps::arm_write_space`]).
 //! 4. Socket data: peeked (`MSG_PEEK`) at the offset of what is already in flight to the
 //!    guest, cut to the guest's MSS, sent as far as the guest's (scaled) window allows.
 //!    Bytes leave the socket only when the guest acknowledges them, so a retransmission
@@ -68,8 +74,6 @@
 //! Socket events name their flow by [`FlowRef`], index and generation: an event for a flow
 //! closed earlier in the same batch is dropped ([`TcpStats::stale_events`]), even if a new
 //! flow took its slot meanwhile.
-//!
-//! Not yet: zero-copy from the guest (`sendmsg` from guest memory).
 
 pub mod conn;
 pub mod sock;
@@ -80,14 +84,14 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{IpAddress, TcpControl as Control, TcpPacket, TcpRepr};
+use smoltcp::wire::{IpAddress, IpProtocol, TcpControl as Control, TcpPacket, TcpRepr};
 
 use crate::event::{Register, Token};
 use crate::flow::timer::Timers;
 use crate::flow::{FlowIdx, FlowKey, FlowRef, FlowTable};
 use crate::fwd::{Listener, Nat};
 use crate::logger::Limiter;
-use crate::tap::ToGuest;
+use crate::tap::{Tail, ToGuest};
 use crate::wire;
 
 use conn::{flag, Conn, Ends, Header, Out, Payload, Seg, SockOps, Verdict};
@@ -138,33 +142,44 @@ impl Run {
 
     /// Whether `seg` for flow `idx` continues this run.
     fn extends(&self, idx: FlowIdx, seg: &Seg) -> bool {
-        self.flow == Some(idx) && seg.seq == self.next && self.iov.len() < RUN_MAX_SEGS
+        self.flow == Some(idx) && seg.seq == self.next
     }
 
-    fn push(&mut self, idx: FlowIdx, seg: &Seg, data: &[u8]) {
+    /// Whether a segment with this tail would still fit.
+    fn has_room(&self, tail: &Tail) -> bool {
+        self.iov.len() + 1 + tail.iov.len() <= RUN_MAX_SEGS
+    }
+
+    fn push(&mut self, idx: FlowIdx, seg: &Seg, head: &[u8], tail: Tail) {
         if self.flow.is_none() {
             self.flow = Some(idx);
             self.seq = seg.seq;
             self.next = seg.seq;
         }
-        self.next = self.next.wrapping_add(data.len() as u32);
+        let len = head.len() + tail.len;
+        self.next = self.next.wrapping_add(len as u32);
         self.ack = seg.ack.unwrap_or(self.ack);
         self.wnd = seg.wnd;
-        self.len += data.len();
-        self.iov.push(libc::iovec {
-            iov_base: data.as_ptr().cast_mut().cast(),
-            iov_len: data.len(),
-        });
+        self.len += len;
+        let head = libc::iovec {
+            iov_base: head.as_ptr().cast_mut().cast(),
+            iov_len: head.len(),
+        };
+        self.iov.extend(
+            std::iter::once(head)
+                .chain(tail.pieces())
+                .filter(|v| v.iov_len > 0),
+        );
     }
 }
 
-/// Plain in-order data, the only kind a [`Run`] gathers: its payload, if so.
-fn plain_data<'a>(seg: &Seg<'a>) -> Option<&'a [u8]> {
+/// Plain data, the only kind a [`Run`] gathers: its payload, if so.
+fn plain_data<'a>(seg: &Seg<'a>) -> Option<(&'a [u8], Tail<'a>)> {
     match seg.payload {
-        Payload::Bytes(p)
-            if !p.is_empty() && seg.ack.is_some() && !(seg.syn || seg.fin || seg.rst) =>
+        Payload::Frame { head, tail }
+            if !seg.payload.is_empty() && seg.ack.is_some() && !(seg.syn || seg.fin || seg.rst) =>
         {
-            Some(p)
+            Some((head, tail))
         }
         _ => None,
     }
@@ -493,12 +508,41 @@ impl<S: Socket> Tcp<S> {
         reg: &mut dyn Register,
         to_guest: &mut dyn ToGuest,
     ) {
+        let tail = Tail::default();
+        self.from_guest_split(src, dst, l4, tail, now, macs, reg, to_guest);
+    }
+
+    /// A TCP segment from the guest whose last `tail.len` bytes were left in guest memory
+    /// ([`crate::tap::FrameHandler::handle_split_frame`]); `l4`, the rest, holds at least
+    /// the whole TCP header.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_guest_split(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        l4: &[u8],
+        tail: Tail,
+        now: Instant,
+        macs: Macs,
+        reg: &mut dyn Register,
+        to_guest: &mut dyn ToGuest,
+    ) {
         self.stats.segments += 1;
         let Ok(pkt) = TcpPacket::new_checked(l4) else {
             self.stats.malformed += 1;
             return;
         };
-        let caps = ChecksumCapabilities::default();
+        let caps = if tail.len == 0 {
+            ChecksumCapabilities::default()
+        } else {
+            // smoltcp would sum only what it sees: the tail is summed where it lies.
+            let sum = tail.sum().value();
+            if wire::l4_checksum_with(src, dst, IpProtocol::Tcp, l4, tail.len, sum) != 0 {
+                self.stats.malformed += 1;
+                return;
+            }
+            ChecksumCapabilities::ignored()
+        };
         let Ok(repr) = TcpRepr::parse(&pkt, &IpAddress::from(src), &IpAddress::from(dst), &caps)
         else {
             self.stats.malformed += 1;
@@ -517,7 +561,10 @@ impl<S: Socket> Tcp<S> {
             wnd: repr.window_len,
             mss: repr.max_seg_size,
             ws: repr.window_scale,
-            payload: repr.payload.into(),
+            payload: Payload::Frame {
+                head: repr.payload,
+                tail,
+            },
         };
         let key = FlowKey {
             proto: PROTO_TCP,
@@ -531,20 +578,20 @@ impl<S: Socket> Tcp<S> {
             remote: (dst, repr.dst_port),
         };
         let found = self.table.lookup(&key);
-        if let (Some(idx), Some(data)) = (found, plain_data(&seg)) {
-            if self.run.extends(idx, &seg) {
-                self.run.push(idx, &seg, data);
+        if let (Some(idx), Some((head, tail))) = (found, plain_data(&seg)) {
+            if self.run.extends(idx, &seg) && self.run.has_room(&tail) {
+                self.run.push(idx, &seg, head, tail);
                 return;
             }
         }
         self.end_batch(now, macs, to_guest);
-        if let (Some(idx), Some(data)) = (found, plain_data(&seg)) {
+        if let (Some(idx), Some((head, tail))) = (found, plain_data(&seg)) {
             if self
                 .table
                 .get(idx)
                 .is_some_and(|f| f.conn.takes_data_at(seg.seq))
             {
-                self.run.push(idx, &seg, data);
+                self.run.push(idx, &seg, head, tail);
                 return;
             }
         }
@@ -656,7 +703,8 @@ impl<S: Socket> Tcp<S> {
     }
 
     /// Ends a batch of guest frames: gathered data goes to its socket, and the guest gets
-    /// its ACK. Call before the frames of the batch go away (see [`Run`]).
+    /// its ACK. Call before the frames of the batch go away
+    /// ([`crate::tap::FrameHandler::end_batch`]).
     pub fn end_batch(&mut self, now: Instant, macs: Macs, to_guest: &mut dyn ToGuest) {
         let Some(idx) = self.run.flow.take() else {
             return;

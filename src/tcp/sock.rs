@@ -21,6 +21,12 @@ use super::conn::SockOps;
 const SO_PEEK_OFF: libc::c_int = 42;
 /// `SIOCOUTQ` = `TIOCOUTQ`: bytes in the send queue.
 const SIOCOUTQ: libc::c_ulong = 0x5411;
+/// `SO_MEMINFO` (Linux 4.13): the socket's memory counters, `u32` each, indexed by
+/// `SK_MEMINFO_*` (linux/sock_diag.h).
+const SO_MEMINFO: libc::c_int = 55;
+const SK_MEMINFO_VARS: usize = 10;
+const SK_MEMINFO_SNDBUF: usize = 3;
+const SK_MEMINFO_WMEM_QUEUED: usize = 5;
 
 /// A connected (or connecting) host TCP socket.
 #[derive(Debug)]
@@ -263,6 +269,28 @@ impl SockOps for HostSock {
 
     fn send_space(&mut self) -> usize {
         let fd = self.raw_fd();
+        // The kernel's own accounting: the buffer and what its queue takes of it, both in
+        // memory (payload plus skb overhead). Showing the guest most of the difference lets
+        // the queue reach the point where the kernel calls the socket full, which is what
+        // makes it grow the buffer and signal space (see `arm_write_space`).
+        let mut mem = [0u32; SK_MEMINFO_VARS];
+        let mut len = std::mem::size_of_val(&mem) as libc::socklen_t;
+        // SAFETY: mem has room for len bytes; the kernel writes at most that and sets len.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_MEMINFO,
+                mem.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if r == 0 && len as usize >= (SK_MEMINFO_WMEM_QUEUED + 1) * 4 {
+            let free = mem[SK_MEMINFO_SNDBUF].saturating_sub(mem[SK_MEMINFO_WMEM_QUEUED]);
+            // Overhead the payload will bring: an eighth covers the large skbs bulk data
+            // makes.
+            return free as usize / 8 * 7;
+        }
         let Ok(sndbuf) = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF) else {
             return 0;
         };
@@ -274,6 +302,17 @@ impl SockOps for HostSock {
         // SO_SNDBUF reports twice the payload the kernel allows (bookkeeping overhead):
         // count half of it as usable.
         (sndbuf.max(0) as usize / 2).saturating_sub(queued.max(0) as usize)
+    }
+
+    fn arm_write_space(&mut self) {
+        let mut pfd = libc::pollfd {
+            fd: self.raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout. Its side effect is the point: tcp_poll()
+        // marks a socket it finds full, so that freed space wakes our epoll with EPOLLOUT.
+        unsafe { libc::poll(&mut pfd, 1, 0) };
     }
 
     fn take_error(&mut self) -> Option<io::Error> {

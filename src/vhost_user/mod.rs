@@ -108,7 +108,8 @@ pub struct DeviceOptions {
     pub pending_bytes: usize,
     /// Frames kept while the guest has no RX buffers.
     pub pending_frames: usize,
-    /// Copy every TX frame out of guest memory instead of lending it in place.
+    /// Never lend TX frames to the engine in place: copy short ones, and the headers of
+    /// long ones, whose tail stays in guest memory (see [`crate::virtio::tx`]).
     pub tx_copy: bool,
     /// Most TX chains handled per kick before yielding to the event loop.
     pub tx_budget: usize,

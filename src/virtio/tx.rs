@@ -17,8 +17,13 @@
 //!
 //! The slice aliases memory the guest can write at any time. A well-behaved guest doesn't
 //! touch a buffer it has made available, so this only matters against a malicious guest,
-//! which could make a field change between two reads of it; [`TxQueue::new`]'s `copy_always`
-//! switches every frame to the arena copy for those who prefer a private snapshot.
+//! which could make a field change between two reads of it. [`TxQueue::new`]'s `copy_always`
+//! (what the daemon uses) never lends a slice: frames up to `SPLIT_MIN` (512) bytes are copied
+//! whole, longer ones are split ([`FrameHandler::handle_split_frame`]): their first
+//! `SPLIT_HEAD` (256) bytes, all the headers, are copied, and the rest stays in guest memory as
+//! raw iovecs, which the engine hands to `sendmsg` (TCP data) without reading them as Rust
+//! slices, or copies together (anything else). The payload is then copied once, by the
+//! kernel, straight out of guest memory.
 //!
 //! Frames of one drain are a batch ([`FrameHandler::end_batch`]): copies go back to back in
 //! the arena and lent chains stay unpublished until the engine has ended the batch, so it
@@ -32,13 +37,19 @@
 
 use super::chain::{ChainError, ChainErrors, Seg, Segments};
 use super::{LogLimit, NetFeatures, Pop, RingConfig, StartError, Vring};
-use crate::tap::{FrameHandler, ToGuest, MAX_FRAME};
+use crate::tap::{FrameHandler, Tail, ToGuest, MAX_FRAME};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Shortest frame we pass on: an Ethernet header.
 const ETH_HLEN: usize = 14;
 /// Most descriptors we accept in one TX chain. Linux uses at most MAX_SKB_FRAGS + 2.
-const MAX_TX_SEGS: usize = 64;
+const MAX_TX_SEGS: usize = crate::tap::MAX_TAIL_IOV;
+/// With `copy_always`, frames longer than this are split: [`SPLIT_HEAD`] bytes copied, the
+/// rest left in guest memory for [`FrameHandler::handle_split_frame`]. Shorter ones are
+/// copied whole: the services (DHCP, NDP...) parse them entirely.
+const SPLIT_MIN: usize = 512;
+/// Bytes of a split frame copied: Ethernet, IP and TCP headers with every option fit.
+const SPLIT_HEAD: usize = 256;
 /// Room for the copies of one batch of frames (see [`FrameHandler::end_batch`]): a full
 /// drain of MTU-sized frames, or eight of the largest.
 const TX_ARENA: usize = 8 * MAX_FRAME;
@@ -52,6 +63,8 @@ pub struct TxStats {
     pub bytes: u64,
     /// Frames that had to be copied into the arena.
     pub linearized: u64,
+    /// Frames handed over split: headers copied, the rest left in guest memory.
+    pub split: u64,
     /// Chains discarded because the ring was disabled (spec: process and discard).
     pub discarded: u64,
     /// Chains rejected, by reason.
@@ -73,6 +86,8 @@ pub struct TxQueue {
     /// Copied frames of the current batch, back to back; `arena_used` bytes are taken.
     arena: Box<[u8]>,
     arena_used: usize,
+    /// Where the tail of a split frame lies in guest memory.
+    tail: Vec<libc::iovec>,
     stats: TxStats,
     log: LogLimit,
 }
@@ -89,6 +104,7 @@ impl TxQueue {
             segs: Segments::with_capacity(MAX_TX_SEGS),
             arena: vec![0u8; TX_ARENA].into_boxed_slice(),
             arena_used: 0,
+            tail: Vec::with_capacity(MAX_TX_SEGS),
             stats: TxStats::default(),
             log: LogLimit::default(),
         }
@@ -197,6 +213,32 @@ impl TxQueue {
         let Some(mem) = self.ring.mem() else {
             return;
         };
+        if self.copy_always && total as usize >= self.hdr_len + SPLIT_MIN {
+            let head = &mut self.arena[self.arena_used..self.arena_used + SPLIT_HEAD];
+            if let Some(tail_len) = split(
+                mem,
+                self.segs.as_slice(),
+                self.hdr_len,
+                head,
+                &mut self.tail,
+            ) {
+                self.stats.frames += 1;
+                self.stats.bytes += (SPLIT_HEAD + tail_len) as u64;
+                self.stats.split += 1;
+                self.arena_used += SPLIT_HEAD;
+                let tail = Tail {
+                    iov: &self.tail,
+                    len: tail_len,
+                };
+                engine.handle_split_frame(
+                    &self.arena[self.arena_used - SPLIT_HEAD..self.arena_used],
+                    tail,
+                    to_guest,
+                );
+                return;
+            }
+            // Some piece crosses into an adjacent memory region: copy it all.
+        }
         let (res, copied) = extract(
             mem,
             self.segs.as_slice(),
@@ -286,6 +328,51 @@ fn extract<'a>(
         pos += n;
     }
     (Ok(&scratch[..frame_len]), true)
+}
+
+/// Copies the first `head.len()` bytes of the frame behind the header into `head` and
+/// describes the rest, in guest memory, in `tail`. Returns the rest's length, or `None` if a
+/// piece of it isn't contiguous in one memory region (the caller copies instead). The chain
+/// was validated by the pop: its segments lie in guest memory and total at most the limit.
+fn split(
+    mem: &GuestMemoryMmap,
+    segs: &[Seg],
+    hdr_len: usize,
+    head: &mut [u8],
+    tail: &mut Vec<libc::iovec>,
+) -> Option<usize> {
+    tail.clear();
+    let (mut skip, mut filled, mut tail_len) = (hdr_len, 0, 0);
+    for s in segs {
+        let len = s.len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let mut off = skip;
+        skip = 0;
+        if filled < head.len() {
+            let n = (len - off).min(head.len() - filled);
+            mem.read_slice(
+                &mut head[filled..filled + n],
+                s.addr.unchecked_add(off as u64),
+            )
+            .ok()?;
+            filled += n;
+            off += n;
+        }
+        if off < len {
+            let vs =
+                GuestMemoryBackend::get_slice(mem, s.addr.unchecked_add(off as u64), len - off)
+                    .ok()?;
+            tail.push(libc::iovec {
+                iov_base: vs.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: len - off,
+            });
+            tail_len += len - off;
+        }
+    }
+    (filled == head.len()).then_some(tail_len)
 }
 
 #[cfg(test)]
@@ -393,27 +480,52 @@ mod tests {
     /// Keeps raw pointers to the frames of a batch, as a handler gathering payloads would,
     /// and checks them at the end of the batch.
     struct Batcher {
-        held: Vec<(*const u8, usize)>,
+        /// Per frame: its pieces (whole frame, or head then tail).
+        held: Vec<Vec<(*const u8, usize)>>,
         expect: Vec<Vec<u8>>,
-        batches: Vec<usize>,
+        batches: usize,
         used_at_end: Vec<u16>,
         used_idx: Box<dyn Fn() -> u16>,
     }
 
+    impl Batcher {
+        fn new(expect: Vec<Vec<u8>>, mem: &GuestMemoryMmap, d: &Driver) -> Self {
+            let (m, used) = (mem.clone(), d.used_addr());
+            Batcher {
+                held: Vec::new(),
+                expect,
+                batches: 0,
+                used_at_end: Vec::new(),
+                used_idx: Box::new(move || {
+                    m.load::<u16>(GuestAddress(used + 2), Ordering::Acquire)
+                        .expect("used idx")
+                }),
+            }
+        }
+    }
+
     impl FrameHandler for Batcher {
         fn handle_frame(&mut self, frame: &[u8], _: &mut dyn ToGuest) {
-            self.held.push((frame.as_ptr(), frame.len()));
+            self.held.push(vec![(frame.as_ptr(), frame.len())]);
+        }
+        fn handle_split_frame(&mut self, head: &[u8], tail: Tail<'_>, _: &mut dyn ToGuest) {
+            let mut pieces = vec![(head.as_ptr(), head.len())];
+            pieces.extend(tail.pieces().map(|v| (v.iov_base as *const u8, v.iov_len)));
+            self.held.push(pieces);
         }
         fn end_batch(&mut self, _: &mut dyn ToGuest) {
-            for (ptr, len) in self.held.drain(..) {
-                // SAFETY: the back-end keeps a batch's frames in place until this returns.
-                let now = unsafe { std::slice::from_raw_parts(ptr, len) };
+            for pieces in self.held.drain(..) {
+                let mut now = Vec::new();
+                for (ptr, len) in pieces {
+                    // SAFETY: the back-end keeps a batch's frames in place until this returns.
+                    now.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) });
+                }
                 assert!(
                     now == self.expect.remove(0),
                     "a frame moved before its batch ended"
                 );
             }
-            self.batches.push(self.batches.len());
+            self.batches += 1;
             self.used_at_end.push((self.used_idx)());
         }
     }
@@ -422,39 +534,53 @@ mod tests {
     fn a_batch_stays_in_place_until_it_ends_before_the_chains_go_back() {
         let mem = memory();
         let mut d = Driver::new(&mem);
-        let mut tx = TxQueue::new(256, true);
-        tx.start(mem.clone(), &d.config(), NetFeatures::from_acked(1 << 32))
-            .expect("start");
-        tx.set_enabled(true);
-        // Ten copies of 60000 bytes: the arena takes eight, so the batch ends early once.
-        let frames: Vec<Vec<u8>> = (0..10).map(|i| frame(60_000, i)).collect();
+        let (mut tx, _call) = started(&mem, &d, false);
+        // Eight copies of the largest frame (in two pieces, so they are copied): the arena
+        // takes seven, so the batch ends early once.
+        let frames: Vec<Vec<u8>> = (0..8).map(|i| frame(MAX_FRAME, i)).collect();
         for f in &frames {
-            d.tx(f, &[]); // one descriptor each: the ring has 16
+            d.tx(f, &[NET_HDR_LEN + 30_000]);
         }
-        let (m, used) = (mem.clone(), d.used_addr());
-        let mut eng = Batcher {
-            held: Vec::new(),
-            expect: frames,
-            batches: Vec::new(),
-            used_at_end: Vec::new(),
-            used_idx: Box::new(move || {
-                m.load::<u16>(GuestAddress(used + 2), Ordering::Acquire)
-                    .expect("used idx")
-            }),
-        };
+        let mut eng = Batcher::new(frames, &mem, &d);
         assert!(!tx.drain(&mut Sink::default(), &mut eng, 64));
         assert!(
             eng.expect.is_empty(),
             "{} frames never checked",
             eng.expect.len()
         );
-        assert_eq!(eng.batches.len(), 2, "an early end, then the drain's own");
+        assert_eq!(tx.stats().linearized, 8);
+        assert_eq!(eng.batches, 2, "an early end, then the drain's own");
         assert_eq!(
             eng.used_at_end,
             vec![0, 0],
             "chains went back before the batch ended"
         );
-        assert_eq!(d.used_idx(), 10);
+        assert_eq!(d.used_idx(), 8);
+    }
+
+    #[test]
+    fn long_frames_are_split_short_ones_copied_whole() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let mut tx = TxQueue::new(256, true);
+        tx.start(mem.clone(), &d.config(), NetFeatures::from_acked(1 << 32))
+            .expect("start");
+        tx.set_enabled(true);
+        let frames = vec![
+            frame(SPLIT_MIN - 1, 1),
+            frame(SPLIT_MIN, 2),
+            frame(3000, 3),
+            frame(3000, 4),
+        ];
+        d.tx(&frames[0], &[]);
+        d.tx(&frames[1], &[]);
+        d.tx(&frames[2], &[5, NET_HDR_LEN + 100, 2000]); // the head spans three pieces
+        d.tx(&frames[3], &[NET_HDR_LEN]);
+        let mut eng = Batcher::new(frames, &mem, &d);
+        assert!(!tx.drain(&mut Sink::default(), &mut eng, 64));
+        assert!(eng.expect.is_empty());
+        assert_eq!((tx.stats().split, tx.stats().linearized), (3, 1));
+        assert_eq!(eng.used_at_end, vec![0]);
     }
 
     #[test]
