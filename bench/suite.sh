@@ -294,6 +294,7 @@ attach() {
     BACKEND_PID=$!; PIDS+=("$BACKEND_PID")
     wait_for 10 sh -c "nsenter -t $GUEST -n -- ip -4 addr show dev tap0 | grep -q inet" ||
       { ATTACH_WHY="slirp4netns did not configure tap0: $(tail -3 "$RUN/$be.log")"; return 1; }
+    nsg ip link set tap0 txqueuelen 10000 # as for the bridge's tap, below
     return 0
   fi
   local vh=(); [ $mode = vhost ] && vh=(--vhost-user)
@@ -304,7 +305,9 @@ attach() {
   nsenter -t "$GUEST" -n -- "$BIN/passt-bridge" --tap tap0 "${bm[@]}" --ready "$RUN/ready" > "$RUN/$be-bridge.log" 2>&1 &
   BRIDGE_PID=$!; PIDS+=("$BRIDGE_PID")
   wait_for 10 test -e "$RUN/ready" || { ATTACH_WHY="bridge did not attach: $(tail -3 "$RUN/$be-bridge.log")"; return 1; }
-  nsg ip link set tap0 mtu "$mtu" up || { ATTACH_WHY="tap0 mtu $mtu"; return 1; }
+  # A VM's virtio-net stops its queue when the ring is full; a tap drops beyond txqueuelen
+  # (1000), which at MTU 1500 a window of 1.5 MB overruns: drops the bridge would not cause.
+  nsg ip link set tap0 mtu "$mtu" txqueuelen 10000 up || { ATTACH_WHY="tap0 mtu $mtu"; return 1; }
   nsg busybox udhcpc -i tap0 -s "$HERE/udhcpc.script" -f -q -n -t 5 -T 1 > "$RUN/$be-dhcp.log" 2>&1 ||
     { ATTACH_WHY="DHCP failed: $(tail -2 "$RUN/$be-dhcp.log")"; return 1; }
   return 0
