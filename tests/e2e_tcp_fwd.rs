@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::checks::{guest_sha256, sha256};
 use common::guest::CMD_TIMEOUT;
 use common::netns::*;
+use common::output::Collector;
 use common::tcp_guest::{pattern, socat_in};
 use common::Mode;
 
@@ -28,11 +29,10 @@ fn fd_count(pid: u32) -> usize {
 }
 
 /// Flows opened and flows freed, from passt's debug log.
-fn flow_balance(log: &std::path::Path) -> (usize, usize) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+fn flow_balance(log: &str) -> (usize, usize) {
     let mut opened = 0;
     let mut freed = 0;
-    for l in text.lines().filter(|l| l.contains("tcp: flow ")) {
+    for l in log.lines().filter(|l| l.contains("tcp: flow ")) {
         if l.contains(" -> ") {
             opened += 1;
         } else if l.ends_with(" closed") || l.ends_with(" reset") {
@@ -42,19 +42,24 @@ fn flow_balance(log: &std::path::Path) -> (usize, usize) {
     (opened, freed)
 }
 
-/// Polls `f` until it returns true or `timeout` passes (state owned by another process,
-/// which reports no event we could wait on).
-fn settle(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// passt's debug log, as it is written: `-l` names a FIFO we read, so waits on the log are
+/// woken by each line instead of polling a file.
+fn debug_log(topo: &Topology) -> (String, Collector) {
+    let fifo = topo.dir().join("passt-debug.fifo");
+    nix::unistd::mkfifo(
+        &fifo,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .expect("mkfifo");
+    // Read and write: opening doesn't wait for a writer, and reads never see end of file.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .expect("open fifo");
+    let log = Collector::new(None);
+    log.attach(f);
+    (fifo.to_str().expect("utf-8 path").to_string(), log)
 }
 
 #[test]
@@ -78,8 +83,7 @@ fn forwarding(mode: Mode) {
     let big = www.join("big");
     std::fs::write(&big, pattern(THROUGHPUT_SIZE, 2)).unwrap();
     let big_sum = sha256(&big);
-    let debug_log = topo.dir().join("passt-debug.log");
-    let debug_log_arg = debug_log.to_str().unwrap().to_string();
+    let (debug_log_arg, debug_log) = debug_log(&topo);
 
     let (passt, mut guest) = common::passt_and_guest(
         &topo,
@@ -245,17 +249,20 @@ fn forwarding(mode: Mode) {
         &["TCP4-LISTEN:7000,reuseaddr,fork", "SYSTEM:read l; echo hi"],
     );
     let pid = passt.pid();
-    let balanced = |log: &std::path::Path| {
+    // passt logs a flow's end after closing its socket: balanced, the fds are back too.
+    let balanced = |log: &str| {
         let (o, f) = flow_balance(log);
-        o == f
+        (o == f).then_some(())
     };
     assert!(
-        settle(T, || balanced(&debug_log)),
+        debug_log
+            .wait_until(0, Instant::now() + T, balanced)
+            .is_ok(),
         "flows left open before the loop: {:?}",
-        flow_balance(&debug_log)
+        flow_balance(&debug_log.text())
     );
     let fds_before = fd_count(pid);
-    let (opened_before, _) = flow_balance(&debug_log);
+    let (opened_before, _) = flow_balance(&debug_log.text());
     let started = Instant::now();
     let (status, out) = guest.run(
         &format!(
@@ -270,19 +277,20 @@ fn forwarding(mode: Mode) {
         "{mode:?}: {SHORT_CONNECTIONS} short connections in {:?}",
         started.elapsed()
     );
-    let (opened_after, _) = flow_balance(&debug_log);
+    let (opened_after, _) = flow_balance(&debug_log.text());
     assert_eq!(
         opened_after - opened_before,
         SHORT_CONNECTIONS,
         "one flow per connection"
     );
     assert!(
-        settle(T, || balanced(&debug_log) && fd_count(pid) == fds_before),
-        "left behind: flows (opened, freed) {:?}, fds {} -> {}",
-        flow_balance(&debug_log),
-        fds_before,
-        fd_count(pid)
+        debug_log
+            .wait_until(0, Instant::now() + T, balanced)
+            .is_ok(),
+        "flows left open: (opened, freed) {:?}",
+        flow_balance(&debug_log.text())
     );
+    assert_eq!(fd_count(pid), fds_before, "descriptors left behind");
 
     assert!(passt.running(), "passt exited:\n{}", passt.log());
     assert!(guest.poweroff(Duration::from_secs(30)));

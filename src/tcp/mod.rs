@@ -844,20 +844,22 @@ impl<S: Socket> Tcp<S> {
         }
         match v {
             Verdict::Keep => self.reschedule(idx, now),
+            // The log line comes after the socket is closed: tests count descriptors by it.
             Verdict::Close => {
                 if let Some(f) = self.table.remove(idx) {
                     self.stats.closed += 1;
                     if !f.conn.has(conn::ev::SOCK_CONNECTED) {
                         self.stats.connect_failed += 1;
                     }
+                    drop(f);
                     log::debug!("tcp: flow {} closed", idx.0);
                 }
             }
             Verdict::Abort => {
                 if let Some(f) = self.table.remove(idx) {
                     self.stats.aborted += 1;
-                    log::debug!("tcp: flow {} reset", idx.0);
                     f.sock.abort();
+                    log::debug!("tcp: flow {} reset", idx.0);
                 }
             }
         }
