@@ -25,7 +25,7 @@ use nix::sys::socket::{
 use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use crate::event::{Register, Token};
-use crate::flow::{FlowIdx, FlowKey, FlowTable};
+use crate::flow::{FlowIdx, FlowKey, FlowTable, InsertError};
 use crate::logger::Limiter;
 use crate::tap::ToGuest;
 use crate::wire;
@@ -236,26 +236,25 @@ impl Icmp {
             );
         }
         let fd = sock.as_raw_fd();
-        let idx = self
-            .flows
-            .insert(
-                key,
-                Flow {
-                    sock,
-                    last_used: now,
-                },
-            )
-            .ok()?;
-        if let Err(e) = reg.add(fd, epoll::Events::EPOLLIN, Token::IcmpSock(idx)) {
-            self.flows.remove(idx);
-            crate::limited!(
-                self.log_limit,
-                now,
-                warn,
-                "icmp: can't watch ping socket: {e}"
-            );
-            return None;
-        }
+        let flow = Flow {
+            sock,
+            last_used: now,
+        };
+        let idx = match self.flows.insert_watched(key, flow, |r| {
+            reg.add(fd, epoll::Events::EPOLLIN, Token::IcmpSock(r.idx))
+        }) {
+            Ok(idx) => idx,
+            Err(InsertError::Refused(_)) => return None,
+            Err(InsertError::Unwatched(_, e)) => {
+                crate::limited!(
+                    self.log_limit,
+                    now,
+                    warn,
+                    "icmp: can't watch ping socket: {e}"
+                );
+                return None;
+            }
+        };
         self.stats.flows_opened += 1;
         log::debug!(
             "icmp: flow {} for id {} to {}",

@@ -25,6 +25,16 @@ pub mod timer;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+/// Why [`FlowTable::insert_watched`] failed; the flow comes back, for its socket to be
+/// closed as the caller sees fit.
+#[derive(Debug)]
+pub enum InsertError<T> {
+    /// Table full, or the key taken.
+    Refused(T),
+    /// Its socket couldn't be watched.
+    Unwatched(T, std::io::Error),
+}
+
 /// A flow's slot in its table, carried in epoll tokens so a socket event names its flow
 /// without a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -126,6 +136,25 @@ impl<T> FlowTable<T> {
         Ok(idx)
     }
 
+    /// Inserts a flow and has `watch` register its socket under a token naming it
+    /// ([`FlowRef`]); if registering fails, the flow is taken out again: a flow in the
+    /// table always has its socket watched.
+    pub fn insert_watched(
+        &mut self,
+        key: FlowKey,
+        value: T,
+        watch: impl FnOnce(FlowRef) -> std::io::Result<()>,
+    ) -> Result<FlowIdx, InsertError<T>> {
+        let idx = self.insert(key, value).map_err(InsertError::Refused)?;
+        match watch(self.flow_ref(idx)) {
+            Ok(()) => Ok(idx),
+            Err(e) => match self.remove(idx) {
+                Some(v) => Err(InsertError::Unwatched(v, e)),
+                None => unreachable!("inserted just above"),
+            },
+        }
+    }
+
     pub fn get(&self, idx: FlowIdx) -> Option<&T> {
         self.slots.get(idx.0 as usize)?.as_ref().map(|e| &e.value)
     }
@@ -196,6 +225,26 @@ mod tests {
             remote_addr: "198.51.100.1".parse().unwrap(),
             remote_port: 80,
         }
+    }
+
+    #[test]
+    fn a_flow_whose_socket_cant_be_watched_is_taken_out_again() {
+        let mut t = FlowTable::new(2);
+        let mut seen = None;
+        let a = t
+            .insert_watched(key(1), 'a', |r| {
+                seen = Some(r);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, Some(t.flow_ref(a)), "watched under its own token");
+        let e = t.insert_watched(key(2), 'b', |_| Err(std::io::Error::other("no")));
+        assert!(matches!(e, Err(InsertError::Unwatched('b', _))));
+        assert_eq!((t.len(), t.lookup(&key(2))), (1, None));
+        assert!(matches!(
+            t.insert_watched(key(1), 'c', |_| Ok(())),
+            Err(InsertError::Refused('c'))
+        ));
     }
 
     #[test]

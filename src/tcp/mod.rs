@@ -88,7 +88,7 @@ use smoltcp::wire::{IpAddress, IpProtocol, TcpControl as Control, TcpPacket, Tcp
 
 use crate::event::{Register, Token};
 use crate::flow::timer::Timers;
-use crate::flow::{FlowIdx, FlowKey, FlowRef, FlowTable};
+use crate::flow::{FlowIdx, FlowKey, FlowRef, FlowTable, InsertError};
 use crate::fwd::{Listener, Nat};
 use crate::logger::Limiter;
 use crate::tap::{Tail, ToGuest};
@@ -106,6 +106,11 @@ const MAX_IP_PACKET: usize = 65535 - wire::ETH_HLEN;
 /// Shortest wait before a flow's next visit: a deadline already past is served by the next
 /// timer pass, not again within this one.
 const MIN_STEP: Duration = Duration::from_millis(1);
+/// What a flow's socket is watched for: edge-triggered, everything.
+const SOCK_EVENTS: epoll::Events = epoll::Events::EPOLLIN
+    .union(epoll::Events::EPOLLOUT)
+    .union(epoll::Events::EPOLLRDHUP)
+    .union(epoll::Events::EPOLLET);
 /// Most segments gathered into one `sendmsg` (the kernel's `UIO_MAXIOV`).
 const RUN_MAX_SEGS: usize = 1024;
 
@@ -422,27 +427,24 @@ impl<S: Socket> Tcp<S> {
         let isn = self.isn(&key);
         let conn = Conn::new_inbound(ends, self.mss_link(dst.is_ipv6()), isn, now);
         let fd = sock.raw_fd();
-        let idx = match self.table.insert(key, Flow { conn, sock }) {
+        let idx = match self.table.insert_watched(key, Flow { conn, sock }, |r| {
+            reg.add(fd, SOCK_EVENTS, Token::TcpSock(r))
+        }) {
             Ok(idx) => idx,
-            Err(f) => {
-                // Two host clients that look the same to the guest (127.0.0.1:p and the
-                // host's address:p): the second one can't be told apart.
+            Err(e) => {
                 self.stats.accept_refused += 1;
+                let f = match e {
+                    // Two host clients that look the same to the guest (127.0.0.1:p and
+                    // the host's address:p): the second one can't be told apart.
+                    InsertError::Refused(f) => f,
+                    InsertError::Unwatched(f, e) => {
+                        crate::limited!(self.log_limit, now, warn, "tcp: can't watch socket: {e}");
+                        f
+                    }
+                };
                 return f.sock.abort();
             }
         };
-        let events = epoll::Events::EPOLLIN
-            | epoll::Events::EPOLLOUT
-            | epoll::Events::EPOLLRDHUP
-            | epoll::Events::EPOLLET;
-        if let Err(e) = reg.add(fd, events, Token::TcpSock(self.table.flow_ref(idx))) {
-            crate::limited!(self.log_limit, now, warn, "tcp: can't watch socket: {e}");
-            self.stats.accept_refused += 1;
-            if let Some(f) = self.table.remove(idx) {
-                f.sock.abort();
-            }
-            return;
-        }
         log::debug!(
             "tcp: flow {} {peer} -> {}:{guest_port} (guest sees {src})",
             idx.0,
@@ -678,20 +680,17 @@ impl<S: Socket> Tcp<S> {
         let isn = self.isn(&key);
         let conn = Conn::new(ends, syn, self.mss_link(remote.is_ipv6()), isn, now);
         let fd = sock.raw_fd();
-        let idx = match self.table.insert(key, Flow { conn, sock }) {
+        let idx = match self.table.insert_watched(key, Flow { conn, sock }, |r| {
+            reg.add(fd, SOCK_EVENTS, Token::TcpSock(r))
+        }) {
             Ok(idx) => idx,
-            Err(_) => return, // checked above: can't happen, and the socket just closes
+            // Checked above: can't happen, and the socket just closes.
+            Err(InsertError::Refused(_)) => return,
+            Err(InsertError::Unwatched(_, e)) => {
+                crate::limited!(self.log_limit, now, warn, "tcp: can't watch socket: {e}");
+                return rst_for(syn, ends, macs, to_guest);
+            }
         };
-        let events = epoll::Events::EPOLLIN
-            | epoll::Events::EPOLLOUT
-            | epoll::Events::EPOLLRDHUP
-            | epoll::Events::EPOLLET;
-        if let Err(e) = reg.add(fd, events, Token::TcpSock(self.table.flow_ref(idx))) {
-            crate::limited!(self.log_limit, now, warn, "tcp: can't watch socket: {e}");
-            rst_for(syn, ends, macs, to_guest);
-            self.table.remove(idx);
-            return;
-        }
         self.stats.opened += 1;
         self.reschedule(idx, now);
         log::debug!(
