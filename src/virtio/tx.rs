@@ -437,6 +437,15 @@ mod tests {
     }
     use std::fs::File;
 
+    /// A started TX queue with `copy_always` (frames never lent, long ones split).
+    fn copying(mem: &GuestMemoryMmap, d: &Driver) -> TxQueue {
+        let mut tx = TxQueue::new(256, true);
+        tx.start(mem.clone(), &d.config(), NetFeatures::from_acked(1 << 32))
+            .expect("start");
+        tx.set_enabled(true);
+        tx
+    }
+
     #[test]
     fn frames_in_any_layout_reach_the_engine() {
         let mem = memory();
@@ -465,10 +474,7 @@ mod tests {
     fn copy_always_snapshots_every_frame() {
         let mem = memory();
         let mut d = Driver::new(&mem);
-        let mut tx = TxQueue::new(256, true);
-        tx.start(mem.clone(), &d.config(), NetFeatures::from_acked(1 << 32))
-            .expect("start");
-        tx.set_enabled(true);
+        let mut tx = copying(&mem, &d);
         let f = frame(100, 9);
         d.tx(&f, &[]);
         let mut eng = Recorder::default();
@@ -562,10 +568,7 @@ mod tests {
     fn long_frames_are_split_short_ones_copied_whole() {
         let mem = memory();
         let mut d = Driver::new(&mem);
-        let mut tx = TxQueue::new(256, true);
-        tx.start(mem.clone(), &d.config(), NetFeatures::from_acked(1 << 32))
-            .expect("start");
-        tx.set_enabled(true);
+        let mut tx = copying(&mem, &d);
         let frames = vec![
             frame(SPLIT_MIN - 1, 1),
             frame(SPLIT_MIN, 2),
