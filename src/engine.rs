@@ -187,7 +187,9 @@ impl Engine {
         match self.tcp.as_mut() {
             Some(tcp) => {
                 self.stats.tcp += 1;
-                tcp.from_guest_split(src, dst, l4, tail, now, macs, reg, to_guest);
+                // SAFETY: `l4` and `tail` are parts of the frame being handled, which stay
+                // in place until `end_batch` (FrameHandler), which ends TCP's batch.
+                unsafe { tcp.from_guest_split(src, dst, l4, tail, now, macs, reg, to_guest) };
             }
             None => self.stats.unsupported += 1,
         }

@@ -499,8 +499,12 @@ impl<S: Socket> Tcp<S> {
 
     /// A TCP segment from the guest (`l4` starts at the TCP header; `src`, `dst` are the IP
     /// addresses of its packet).
+    ///
+    /// # Safety
+    /// The payload may be kept (as raw pointers) to be sent at [`Self::end_batch`]: `l4`
+    /// must stay in place until then ([`crate::tap::FrameHandler::end_batch`]'s contract).
     #[allow(clippy::too_many_arguments)]
-    pub fn from_guest(
+    pub unsafe fn from_guest(
         &mut self,
         src: IpAddr,
         dst: IpAddr,
@@ -511,14 +515,18 @@ impl<S: Socket> Tcp<S> {
         to_guest: &mut dyn ToGuest,
     ) {
         let tail = Tail::default();
-        self.from_guest_split(src, dst, l4, tail, now, macs, reg, to_guest);
+        // SAFETY: passed on from our caller.
+        unsafe { self.from_guest_split(src, dst, l4, tail, now, macs, reg, to_guest) };
     }
 
     /// A TCP segment from the guest whose last `tail.len` bytes were left in guest memory
     /// ([`crate::tap::FrameHandler::handle_split_frame`]); `l4`, the rest, holds at least
     /// the whole TCP header.
+    ///
+    /// # Safety
+    /// As for [`Self::from_guest`], for `l4` and the memory `tail` describes.
     #[allow(clippy::too_many_arguments)]
-    pub fn from_guest_split(
+    pub unsafe fn from_guest_split(
         &mut self,
         src: IpAddr,
         dst: IpAddr,
@@ -1001,10 +1009,28 @@ mod tests {
         })
     }
 
+    impl Tcp<FakeSock> {
+        /// [`Tcp::from_guest`] for tests, whose frames outlive the batches they are in.
+        #[allow(clippy::too_many_arguments)]
+        fn guest_seg(
+            &mut self,
+            src: IpAddr,
+            dst: IpAddr,
+            l4: &[u8],
+            now: Instant,
+            macs: Macs,
+            reg: &mut dyn Register,
+            to_guest: &mut dyn ToGuest,
+        ) {
+            // SAFETY: each test keeps its frames until it ends the batch.
+            unsafe { self.from_guest(src, dst, l4, now, macs, reg, to_guest) }
+        }
+    }
+
     /// One segment, as a batch of its own.
     fn feed(t: &mut Tcp<FakeSock>, l4: &[u8], reg: &mut Reg, sink: &mut Sink) {
         let now = Instant::now();
-        t.from_guest(G.into(), R.into(), l4, now, MACS, reg, sink);
+        t.guest_seg(G.into(), R.into(), l4, now, MACS, reg, sink);
         t.end_batch(now, MACS, sink);
     }
 
@@ -1242,7 +1268,7 @@ mod tests {
                 .remove(0)
                 .split_off(wire::ETH_HLEN + wire::IPV4_HLEN)
         };
-        t.from_guest(G.into(), peer.ip(), &rst, now, MACS, &mut reg, &mut s);
+        t.guest_seg(G.into(), peer.ip(), &rst, now, MACS, &mut reg, &mut s);
         assert_eq!(t.active_flows(), 1);
         assert_eq!(t.stats().aborted, 1);
     }
@@ -1258,7 +1284,7 @@ mod tests {
         let (mut reg, mut s) = (Reg(vec![]), sink());
         let syn = segment(1000, 5, None, flag::SYN, b"", false);
         let gw = IpAddr::from([192, 0, 2, 1]);
-        t.from_guest(G.into(), gw, &syn, Instant::now(), MACS, &mut reg, &mut s);
+        t.guest_seg(G.into(), gw, &syn, Instant::now(), MACS, &mut reg, &mut s);
         // segment() builds it for R: its checksum is wrong for the gateway.
         assert_eq!(t.stats().malformed, 1, "checksum covers the destination");
         let mut sink = Sink {
@@ -1284,14 +1310,14 @@ mod tests {
             .frames
             .remove(0)
             .split_off(wire::ETH_HLEN + wire::IPV4_HLEN);
-        t.from_guest(G.into(), gw, &syn, Instant::now(), MACS, &mut reg, &mut s);
+        t.guest_seg(G.into(), gw, &syn, Instant::now(), MACS, &mut reg, &mut s);
         assert_eq!(t.active_flows(), 1);
         assert_eq!(
             LAST_CONNECT.with(Cell::get),
             Some(("127.0.0.1:22".parse().unwrap(), None)),
             "loopback, without the outbound address"
         );
-        t.from_guest(
+        t.guest_seg(
             G.into(),
             R.into(),
             &segment(1001, 5, None, flag::SYN, b"", false),
@@ -1323,7 +1349,7 @@ mod tests {
         s: &mut Sink,
     ) -> (FlowRef, u32) {
         let syn = segment(port, 5, None, flag::SYN, b"", false);
-        t.from_guest(G.into(), R.into(), &syn, t0, MACS, reg, s);
+        t.guest_seg(G.into(), R.into(), &syn, t0, MACS, reg, s);
         let Some(&Token::TcpSock(r)) = reg.0.last() else {
             panic!("no token registered");
         };
@@ -1331,7 +1357,7 @@ mod tests {
         let synack = decode(s.frames.last().unwrap());
         assert_eq!(synack.flags, flag::SYN | flag::ACK);
         let ack = segment(port, 6, Some(synack.seq.wrapping_add(1)), 0, b"", false);
-        t.from_guest(G.into(), R.into(), &ack, t0, MACS, reg, s);
+        t.guest_seg(G.into(), R.into(), &ack, t0, MACS, reg, s);
         assert!(t.table.get(r.idx).unwrap().conn.has(conn::ev::ESTABLISHED));
         s.frames.clear();
         (r, synack.seq.wrapping_add(1))
@@ -1350,7 +1376,7 @@ mod tests {
             segment(1000, 13, Some(our), 0, b"hi", false),
         ];
         for f in &frames {
-            t.from_guest(G.into(), R.into(), f, t0, MACS, &mut reg, &mut s);
+            t.guest_seg(G.into(), R.into(), f, t0, MACS, &mut reg, &mut s);
         }
         let sock = |t: &Tcp<FakeSock>| {
             let f = t.table.get(r.idx).unwrap();
@@ -1383,7 +1409,7 @@ mod tests {
         ];
         t.table.get_mut(a.idx).unwrap().sock.take_max = Some(3); // per send
         for f in &frames {
-            t.from_guest(G.into(), R.into(), f, t0, MACS, &mut reg, &mut s);
+            t.guest_seg(G.into(), R.into(), f, t0, MACS, &mut reg, &mut s);
         }
         t.end_batch(t0, MACS, &mut s);
         let (fa, fb) = (t.table.get(a.idx).unwrap(), t.table.get(b.idx).unwrap());
@@ -1418,7 +1444,7 @@ mod tests {
         // Many flows with nothing due before their idle timeout (SYN sent, still connecting).
         for port in 1000..1000 + IDLE {
             let syn = segment(port, 5, None, flag::SYN, b"", false);
-            t.from_guest(G.into(), R.into(), &syn, t0, MACS, &mut reg, &mut s);
+            t.guest_seg(G.into(), R.into(), &syn, t0, MACS, &mut reg, &mut s);
         }
         assert_eq!(t.active_flows(), usize::from(IDLE) + 1);
         t.table.get_mut(r.idx).unwrap().sock.rx.extend(b"hello");
@@ -1463,7 +1489,7 @@ mod tests {
         // window, and the flow is looked at every WND_POLL.
         t.table.get_mut(r.0.idx).unwrap().sock.space = 1000;
         let data = segment(1000, 6, Some(r.1), 0, b"abc", false);
-        t.from_guest(G.into(), R.into(), &data, t0, MACS, &mut reg, &mut s);
+        t.guest_seg(G.into(), R.into(), &data, t0, MACS, &mut reg, &mut s);
         t.end_batch(t0, MACS, &mut s);
         let ack = decode(&s.frames[0]);
         assert_eq!((ack.ack, ack.wnd), (9, 1000));
@@ -1513,12 +1539,12 @@ mod tests {
         let (mut reg, mut s) = (Reg(vec![]), sink());
         let t0 = Instant::now();
         let old = segment(1000, 5, None, flag::SYN, b"", false);
-        t.from_guest(G.into(), R.into(), &old, t0, MACS, &mut reg, &mut s);
+        t.guest_seg(G.into(), R.into(), &old, t0, MACS, &mut reg, &mut s);
         let rst = segment(1000, 6, None, flag::RST, b"", false);
-        t.from_guest(G.into(), R.into(), &rst, t0, MACS, &mut reg, &mut s);
+        t.guest_seg(G.into(), R.into(), &rst, t0, MACS, &mut reg, &mut s);
         assert_eq!(t.active_flows(), 0);
         let new = segment(1001, 5, None, flag::SYN, b"", false);
-        t.from_guest(G.into(), R.into(), &new, t0, MACS, &mut reg, &mut s);
+        t.guest_seg(G.into(), R.into(), &new, t0, MACS, &mut reg, &mut s);
         assert_eq!(
             reg.0,
             vec![Token::TcpSock(fref(0, 0)), Token::TcpSock(fref(0, 1))]
