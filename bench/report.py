@@ -13,11 +13,15 @@ raw, machine, outdir, stamp = sys.argv[1:5]
 ORDER = ["ref-loopback", "ref-veth", "passt-rs-vhost", "passt-rs-stream", "passt-debian",
          "slirp4netns", "compare"]
 BASELINE = "passt-debian"
+# CPUs that processes outside the benchmark used during a repetition (bench/cpuload.py)
+# above which its cell is marked as measured on a busy machine.
+BUSY = 0.25
 
 vals = defaultdict(list)        # (backend, mtu, case) -> [value]
 cpu = defaultdict(lambda: [0.0, 0])  # (backend, mtu, case) -> [cpu s, bytes]
 units = {}
 notes = {}                      # (backend, mtu, case) -> reason
+other = defaultdict(list)       # (backend, mtu, case) -> [CPUs used outside, per rep]
 backends = set()
 for r in csv.DictReader(open(raw)):
     b, m, c = r["backend"], r["mtu"], r["case"]
@@ -26,6 +30,8 @@ for r in csv.DictReader(open(raw)):
     if r["value"]:
         vals[key].append(float(r["value"]))
         units[c] = r["unit"]
+        if r.get("other_cpu"):
+            other[key].append(float(r["other_cpu"]))
         if r["backend_cpu_s"] and r["bytes"]:
             cpu[key][0] += float(r["backend_cpu_s"])
             cpu[key][1] += int(float(r["bytes"]))
@@ -41,6 +47,16 @@ def stats(v):
     mean = sum(v) / len(v)
     spread = (max(v) - min(v)) / mean * 100 if mean else 0.0
     return mean, spread
+
+
+def median(v):
+    s = sorted(v)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def busy(key):
+    return max(other.get(key, [0])) >= BUSY
 
 
 def fmt(x):
@@ -87,7 +103,8 @@ def cell(b, m, c):
     if key in vals:
         mean, spread = stats(vals[key])
         n = len(vals[key])
-        return f"{fmt(mean)} ±{spread:.0f}%" if n > 1 else fmt(mean)
+        mark = "*" if busy(key) else ""
+        return (f"{fmt(mean)} ±{spread:.0f}%" if n > 1 else fmt(mean)) + mark
     for k in (key, (b, m, "attach")):
         if k in notes:
             why = notes[k]
@@ -103,11 +120,18 @@ lines.append("```\n")
 lines.append("Mean over repetitions, ±: spread (max−min)/mean. n/s: not supported by that "
              "back-end (yet); err: the case failed; blank: not run for that back-end. "
              "Throughput in Mbit/s, rates per second, times in µs.\n")
+loads = [x for v in other.values() for x in v]
+if loads:
+    nbusy = sum(1 for k in vals if busy(k))
+    lines.append(f"Processes outside the benchmark used {sum(loads) / len(loads):.2f} CPUs on "
+                 f"average during the repetitions (max {max(loads):.2f}); *: a repetition of "
+                 f"that cell ran while they used {BUSY} CPUs or more ({nbusy} of {len(vals)} "
+                 "cells): its spread says more about the machine than about the back-end.\n")
 head = "| case | MTU | unit | " + " | ".join(cols) + " |"
 lines.append(head)
 lines.append("|" + "---|" * (3 + len(cols)))
-summary = [["case", "mtu", "unit", "backend", "mean", "min", "max", "spread_pct", "n",
-            "cpu_s_per_gb"]]
+summary = [["case", "mtu", "unit", "backend", "mean", "median", "min", "max", "spread_pct", "n",
+            "cpu_s_per_gb", "other_cpu_max"]]
 for c in CASES:
     for m in mtus_of(c):
         row = [cell(b, m, c) for b in cols]
@@ -119,9 +143,11 @@ for c in CASES:
             if v:
                 mean, spread = stats(v)
                 cs, by = cpu.get((b, m, c), (0, 0))
-                summary.append([c, m, units.get(c, ""), b, f"{mean:.2f}", f"{min(v):.2f}",
-                                f"{max(v):.2f}", f"{spread:.1f}", len(v),
-                                f"{cs / by * 1e9:.2f}" if by else ""])
+                o = other.get((b, m, c))
+                summary.append([c, m, units.get(c, ""), b, f"{mean:.2f}", f"{median(v):.2f}",
+                                f"{min(v):.2f}", f"{max(v):.2f}", f"{spread:.1f}", len(v),
+                                f"{cs / by * 1e9:.2f}" if by else "",
+                                f"{max(o):.2f}" if o else ""])
 
 # CPU per GB moved.
 cpu_rows = []

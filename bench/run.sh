@@ -49,12 +49,12 @@ trap 'rm -rf "$RUN"' EXIT
 if [ $SMOKE = 1 ]; then
   OUT=$RUN/results; REPS=${REPS:-1}
 else
-  OUT=$ROOT/bench/results; REPS=${REPS:-3}
+  OUT=${BENCH_OUT:-$ROOT/bench/results}; REPS=${REPS:-3}
 fi
 mkdir -p "$OUT"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 CSV=$OUT/raw-$STAMP.csv
-echo "backend,mtu,case,rep,value,unit,backend_cpu_s,bytes" > "$CSV"
+echo "backend,mtu,case,rep,value,unit,backend_cpu_s,bytes,other_cpu" > "$CSV"
 
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"

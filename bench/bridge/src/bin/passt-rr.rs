@@ -43,6 +43,9 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Print each transaction slower than this (µs) with its local port (debugging)
+        #[arg(long)]
+        slow_us: Option<f64>,
     },
     /// Open COUNT idle connections, report the setup rate, hold them HOLD seconds
     Flows {
@@ -65,7 +68,11 @@ fn main() -> ExitCode {
     let r = match Args::parse().cmd {
         Cmd::Server { listen } => server(listen),
         Cmd::Rr { to, seconds, size } => rr(to, seconds, size),
-        Cmd::Crr { to, seconds } => crr(to, seconds),
+        Cmd::Crr {
+            to,
+            seconds,
+            slow_us,
+        } => crr(to, seconds, slow_us),
         Cmd::Flows {
             to,
             count,
@@ -129,17 +136,18 @@ fn rr(to: SocketAddr, seconds: f64, size: usize) -> io::Result<()> {
     lat.sort_by(|a, b| a.total_cmp(b));
     let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
     println!(
-        "rr transactions={} trans_per_s={:.1} mean_us={:.1} p50_us={:.1} p99_us={:.1}",
+        "rr transactions={} trans_per_s={:.1} mean_us={:.1} p50_us={:.1} p99_us={:.1} max_us={:.0}",
         lat.len(),
         lat.len() as f64 / el,
         mean,
         percentile(&lat, 0.5),
-        percentile(&lat, 0.99)
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(0.0)
     );
     Ok(())
 }
 
-fn crr(to: SocketAddr, seconds: f64) -> io::Result<()> {
+fn crr(to: SocketAddr, seconds: f64, slow_us: Option<f64>) -> io::Result<()> {
     let mut lat = Vec::with_capacity(1 << 16);
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
@@ -147,21 +155,31 @@ fn crr(to: SocketAddr, seconds: f64) -> io::Result<()> {
     while Instant::now() < end {
         let t = Instant::now();
         let mut s = connect(to)?;
+        let t_conn = t.elapsed().as_secs_f64() * 1e6;
         s.write_all(&[1])?;
         s.read_exact(&mut b)?;
+        let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
         drop(s);
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if slow_us.is_some_and(|l| us > l) {
+            eprintln!(
+                "slow: at {:.6} s port {port} total {us:.0} us (connect {t_conn:.0} us)",
+                t.duration_since(start).as_secs_f64()
+            );
+        }
+        lat.push(us);
     }
     let el = start.elapsed().as_secs_f64();
     lat.sort_by(|a, b| a.total_cmp(b));
     let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
     println!(
-        "crr transactions={} trans_per_s={:.1} mean_us={:.1} p50_us={:.1} p99_us={:.1}",
+        "crr transactions={} trans_per_s={:.1} mean_us={:.1} p50_us={:.1} p99_us={:.1} max_us={:.0}",
         lat.len(),
         lat.len() as f64 / el,
         mean,
         percentile(&lat, 0.5),
-        percentile(&lat, 0.99)
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(0.0)
     );
     Ok(())
 }
