@@ -53,7 +53,7 @@ HZ=$(getconf CLK_TCK)
 if [ "$SMOKE" = 1 ]; then
   DUR=1; UDUR=1; RRDUR=1; FLOWS="100"; PINGS=3
 else
-  DUR=${DUR:-3}; UDUR=${UDUR:-2}; RRDUR=${RRDUR:-2}; FLOWS=${FLOWS:-"1000 10000"}; PINGS=50
+  DUR=${DUR:-3}; UDUR=${UDUR:-2}; RRDUR=${RRDUR:-2}; FLOWS=${FLOWS:-"1000 10000"}; PINGS=200
 fi
 FLOW_LIMIT=${FLOW_LIMIT:-20}
 BUSY_CPU=${BUSY_CPU:-0.25}; BUSY_RETRIES=${BUSY_RETRIES:-2}; BUSY_BUDGET=${BUSY_BUDGET:-60}
@@ -268,13 +268,16 @@ rr_cases() {
   done
 }
 
-# ICMP echo round trip: the median of PINGS replies (a mean of ~100 µs round trips moves
-# by half when one of them waits for a preempted process). $1 label, $2 mtu, $3 where.
+# ICMP echo round trip: the median of PINGS replies, each request sent as soon as the last
+# reply is in (-A), as TCP_RR does: with requests 10 ms apart, every one of them found the
+# CPUs asleep, and how long they took to wake (30-90 µs here, depending on what else ran)
+# made most of the round trip. The median: one reply that waited for a preempted process
+# moves a mean of ~20 µs round trips by half. $1 label, $2 mtu, $3 where.
 ping_case() {
   local label=$1 mtu=$2 where=$3 rep out avg cli=()
   [ "$where" = guest ] && cli=(nsenter -t "$GUEST" -n --)
   for rep in $(seq 1 "$REPS"); do
-    measured "$label $mtu icmp" eval 'out=$("${cli[@]}" "${LAT[@]}" ping -n -c "$PINGS" -i 0.01 -W 2 "$REMOTE" 2>&1)'
+    measured "$label $mtu icmp" eval 'out=$("${cli[@]}" "${LAT[@]}" ping -n -A -c "$PINGS" -W 2 "$REMOTE" 2>&1)'
     avg=$(sed -n 's/.* time=\([0-9.]*\) ms.*/\1/p' <<<"$out" | sort -g |
       awk '{v[NR] = $1} END {if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}')
     if [ -z "$avg" ]; then
