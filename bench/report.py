@@ -79,7 +79,7 @@ TITLES = {
     "udp_up": "UDP guest→peer", "udp_up_loss": "UDP guest→peer loss",
     "udp_down": "UDP peer→guest", "udp_down_loss": "UDP peer→guest loss",
     "tcp_rr": "TCP_RR (1 B)", "tcp_rr_lat": "TCP_RR mean latency", "tcp_crr": "TCP_CRR",
-    "tcp_crr_lat": "TCP_CRR mean time", "icmp_rtt": "ICMP echo RTT (median)", "rss_idle": "back-end RSS, idle",
+    "tcp_crr_lat": "TCP_CRR mean time", "icmp_rtt": "ICMP echo RTT (middle half)", "rss_idle": "back-end RSS, idle",
 }
 
 

@@ -51,7 +51,7 @@ T0=$(date +%s)
 HZ=$(getconf CLK_TCK)
 
 if [ "$SMOKE" = 1 ]; then
-  DUR=1; UDUR=1; RRDUR=1; FLOWS="100"; PINGS=3
+  DUR=1; UDUR=1; RRDUR=1; FLOWS="100"; PINGS=20
 else
   DUR=${DUR:-3}; UDUR=${UDUR:-2}; RRDUR=${RRDUR:-2}; FLOWS=${FLOWS:-"1000 10000"}; PINGS=200
 fi
@@ -268,18 +268,20 @@ rr_cases() {
   done
 }
 
-# ICMP echo round trip: the median of PINGS replies, each request sent as soon as the last
+# ICMP echo round trip: the middle half of PINGS replies, each request sent as soon as the last
 # reply is in (-A), as TCP_RR does: with requests 10 ms apart, every one of them found the
 # CPUs asleep, and how long they took to wake (30-90 µs here, depending on what else ran)
-# made most of the round trip. The median: one reply that waited for a preempted process
+# made most of the round trip. Not all replies: one that waited for a preempted process
 # moves a mean of ~20 µs round trips by half. $1 label, $2 mtu, $3 where.
 ping_case() {
   local label=$1 mtu=$2 where=$3 rep out avg cli=()
   [ "$where" = guest ] && cli=(nsenter -t "$GUEST" -n --)
   for rep in $(seq 1 "$REPS"); do
     measured "$label $mtu icmp" eval 'out=$("${cli[@]}" "${LAT[@]}" ping -n -A -c "$PINGS" -W 2 "$REMOTE" 2>&1)'
+    # Mean of the middle half: ping prints whole microseconds, so a median would move in
+    # 5 % steps.
     avg=$(sed -n 's/.* time=\([0-9.]*\) ms.*/\1/p' <<<"$out" | sort -g |
-      awk '{v[NR] = $1} END {if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}')
+      awk '{v[NR] = $1} END {lo = int(NR / 4) + 1; hi = NR - int(NR / 4); for (i = lo; i <= hi; i++) s += v[i]; if (hi >= lo) printf "%.5f", s / (hi - lo + 1)}')
     if [ -z "$avg" ]; then
       record "$label" "$mtu" icmp_rtt "$rep" "" "error: ${out//[,$'\n']/ }"
       say "$label icmp rep $rep: no reply"
