@@ -15,7 +15,7 @@ ORDER = ["ref-loopback", "ref-veth", "passt-rs-vhost", "passt-rs-stream", "passt
 BASELINE = "passt-debian"
 # CPUs that processes outside the benchmark used during a repetition (bench/cpuload.py)
 # above which its cell is marked as measured on a busy machine.
-BUSY = 0.25
+BUSY = 0.25  # = BUSY_CPU in suite.sh
 
 vals = defaultdict(list)        # (backend, mtu, case) -> [value]
 cpu = defaultdict(lambda: [0.0, 0])  # (backend, mtu, case) -> [cpu s, bytes]
@@ -79,7 +79,7 @@ TITLES = {
     "udp_up": "UDP guest→peer", "udp_up_loss": "UDP guest→peer loss",
     "udp_down": "UDP peer→guest", "udp_down_loss": "UDP peer→guest loss",
     "tcp_rr": "TCP_RR (1 B)", "tcp_rr_lat": "TCP_RR mean latency", "tcp_crr": "TCP_CRR",
-    "tcp_crr_lat": "TCP_CRR mean time", "icmp_rtt": "ICMP echo RTT", "rss_idle": "back-end RSS, idle",
+    "tcp_crr_lat": "TCP_CRR mean time", "icmp_rtt": "ICMP echo RTT (middle half)", "rss_idle": "back-end RSS, idle",
 }
 
 

@@ -75,6 +75,10 @@ rc=0
 BIN=$BIN RUN=$RUN CSV=$CSV SMOKE=$SMOKE REPS=$REPS PASST_COMPARE=${PASST_COMPARE:-} \
   unshare -Urnm --propagation private bash "$ROOT/bench/suite.sh" || rc=$?
 say "suite finished in $(( $(date +%s) - start )) s (exit $rc)"
+{
+  echo "suite duration: $(( $(date +%s) - start )) s"
+  echo "repetitions measured again because other processes were busy: $(cat "$RUN/busy-retries" 2>/dev/null | wc -l)"
+} >> "$OUT/machine-$STAMP.txt"
 
 python3 "$ROOT/bench/report.py" "$CSV" "$OUT/machine-$STAMP.txt" "$OUT" "$STAMP" || rc=1
 if [ $SMOKE = 0 ]; then
