@@ -326,7 +326,9 @@ impl Engine {
             IpProtocol::Udp => match self.udp.as_mut() {
                 Some(udp) => {
                     self.stats.udp += 1;
-                    udp.from_guest_v4(ip, self.now, &mut self.registrar);
+                    // SAFETY: `ip` is part of the frame being handled, whose bytes stay
+                    // in place until `end_batch` (FrameHandler), which ends UDP's batch.
+                    unsafe { udp.from_guest_v4(ip, self.now, &mut self.registrar) };
                 }
                 None => self.stats.unsupported += 1,
             },
@@ -378,7 +380,8 @@ impl Engine {
             IpProtocol::Udp => match self.udp.as_mut() {
                 Some(udp) => {
                     self.stats.udp += 1;
-                    udp.from_guest_v6(ip, self.now, &mut self.registrar);
+                    // SAFETY: as for IPv4 above.
+                    unsafe { udp.from_guest_v6(ip, self.now, &mut self.registrar) };
                 }
                 None => self.stats.unsupported += 1,
             },
@@ -411,6 +414,13 @@ impl FrameHandler for Engine {
             EthernetProtocol::Ipv4 if self.net.ip4.is_some() => self.ipv4(frame, payload, to_guest),
             EthernetProtocol::Ipv6 if self.net.ip6.is_some() => self.ipv6(frame, payload, to_guest),
             _ => self.stats.unsupported += 1,
+        }
+    }
+
+    fn end_batch(&mut self, _to_guest: &mut dyn ToGuest) {
+        // UDP sends the batch's datagrams, each flow's with one `sendmmsg`.
+        if let Some(udp) = self.udp.as_mut() {
+            udp.end_batch(self.now);
         }
     }
 }

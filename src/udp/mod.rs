@@ -17,7 +17,7 @@
 //!    connection makes the kernel deliver only that peer's datagrams to it, so the socket's
 //!    epoll token names the flow: no lookup on the way back.
 //! 3. Every datagram of the flow is sent on that socket as the guest wrote it: payload only,
-//!    the kernel writes the headers.
+//!    the kernel writes the headers, from where the payload is in the guest's frame.
 //!
 //! Forwarded ports (`-u`, as upstream passt: the `-t` ports when no `-u` is given): a
 //! datagram arriving on a forwarded port's bound socket from host client C opens (or finds)
@@ -50,8 +50,10 @@
 //! frame the guest back-end lends (guest memory in vhost-user mode), at most
 //! `RECV_BUDGET` per readiness event. A forwarded port's first datagram from a client is
 //! read through our buffer (its source picks the flow); the client's later ones arrive on
-//! the flow's connected socket. Not yet: `sendmmsg` towards the host (datagrams go out one
-//! `send` each).
+//! the flow's connected socket.
+//!
+//! Towards the host, datagrams are not sent as their frames are handled but queued, and
+//! sent when the frame batch ends, each flow's run with one `sendmmsg` (`udp/send.rs`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -59,7 +61,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrStorage,
+    self, sockopt, AddressFamily, SockFlag, SockProtocol, SockType, SockaddrStorage,
 };
 use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
@@ -69,6 +71,8 @@ use crate::flow::{FlowIdx, FlowKey, FlowTable};
 use crate::logger::Limiter;
 use crate::tap::{FrameWriter, SendWith, ToGuest, MAX_FRAME};
 use crate::wire;
+
+mod send;
 
 pub const MAX_FLOWS: usize = 4096;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -185,6 +189,8 @@ pub struct Udp {
     buf: Box<[u8]>,
     /// Control messages of the error queue (`u64` for `cmsghdr` alignment).
     cmsg: Box<[u64]>,
+    /// Guest datagrams waiting for the end of the frame batch.
+    send: send::SendQueue,
 }
 
 impl Udp {
@@ -200,6 +206,7 @@ impl Udp {
             // One more byte than the largest payload: a longer datagram shows as such.
             buf: vec![0u8; PAYLOAD_AT + MAX_PAYLOAD_V4 + 1].into_boxed_slice(),
             cmsg: vec![0u64; 64].into_boxed_slice(),
+            send: send::SendQueue::new(),
         }
     }
 
@@ -211,8 +218,14 @@ impl Udp {
         self.flows.len()
     }
 
-    /// A guest UDP datagram in an IPv4 packet (`ip` starts at the IP header).
-    pub fn from_guest_v4(&mut self, ip: &[u8], now: Instant, reg: &mut dyn Register) {
+    /// A guest UDP datagram in an IPv4 packet (`ip` starts at the IP header). It is sent
+    /// by the next [`Udp::end_batch`].
+    ///
+    /// # Safety
+    /// `ip`'s bytes must stay allocated until the next [`Udp::end_batch`] (or
+    /// [`Udp::expire`]) returns: the datagram is sent from where it is. The guest may still
+    /// change them meanwhile (they are never read through a reference after this returns).
+    pub unsafe fn from_guest_v4(&mut self, ip: &[u8], now: Instant, reg: &mut dyn Register) {
         let Ok(pkt) = Ipv4Packet::new_checked(ip) else {
             self.stats.malformed += 1;
             return;
@@ -222,20 +235,29 @@ impl Udp {
             return;
         }
         let (src, dst) = (IpAddr::V4(pkt.src_addr()), IpAddr::V4(pkt.dst_addr()));
-        self.datagram(src, dst, pkt.payload(), now, reg);
+        // SAFETY: the payload is part of `ip`, under our caller's contract.
+        unsafe { self.datagram(src, dst, pkt.payload(), now, reg) };
     }
 
     /// A guest UDP datagram in an IPv6 packet (UDP right after the fixed header).
-    pub fn from_guest_v6(&mut self, ip: &[u8], now: Instant, reg: &mut dyn Register) {
+    ///
+    /// # Safety
+    /// As for [`Udp::from_guest_v4`].
+    pub unsafe fn from_guest_v6(&mut self, ip: &[u8], now: Instant, reg: &mut dyn Register) {
         let Ok(pkt) = Ipv6Packet::new_checked(ip) else {
             self.stats.malformed += 1;
             return;
         };
         let (src, dst) = (IpAddr::V6(pkt.src_addr()), IpAddr::V6(pkt.dst_addr()));
-        self.datagram(src, dst, pkt.payload(), now, reg);
+        // SAFETY: the payload is part of `ip`, under our caller's contract.
+        unsafe { self.datagram(src, dst, pkt.payload(), now, reg) };
     }
 
-    fn datagram(
+    /// Checks a guest datagram, finds or opens its flow and queues its payload.
+    ///
+    /// # Safety
+    /// `l4`'s bytes stay allocated until the queue is flushed ([`Udp::end_batch`]).
+    unsafe fn datagram(
         &mut self,
         src: IpAddr,
         dst: IpAddr,
@@ -282,20 +304,26 @@ impl Udp {
         };
         flow.last_used = now;
         let fd = flow.sock.as_raw_fd();
-        // A refusal pending from an earlier datagram is reported (and cleared) by this
-        // send: it was relayed from the error queue already, so this one is sent again.
-        let mut sent = send(fd, payload);
-        if sent == Err(Errno::ECONNREFUSED) {
-            sent = send(fd, payload);
+        if self.send.is_full() {
+            self.end_batch(now);
         }
-        if let Err(e) = sent {
-            self.stats.dropped += 1;
+        // SAFETY: our caller's contract keeps the payload allocated until `end_batch`.
+        let queued = unsafe { self.send.push(fd, idx, payload) };
+        debug_assert!(queued, "flushed when full");
+    }
+
+    /// The frame batch ended: sends the guest datagrams queued since the last one, each
+    /// flow's run with one `sendmmsg`.
+    pub fn end_batch(&mut self, now: Instant) {
+        let f = self.send.flush();
+        self.stats.dropped += f.dropped;
+        if let Some((idx, e)) = f.error {
+            let remote = self.flows.get(idx).map(|f| f.key.remote);
             crate::limited!(
                 self.log_limit,
                 now,
                 debug,
-                "udp: send to {} failed: {e}",
-                key.remote
+                "udp: send to {remote:?} failed: {e}"
             );
         }
     }
@@ -743,6 +771,9 @@ impl Udp {
     /// Closes flows idle for the configured timeout. Dropping the socket also removes it
     /// from epoll.
     pub fn expire(&mut self, now: Instant) {
+        // Queued datagrams name their flows' sockets: out they go first (normally the
+        // queue is empty here, flushed at the end of each frame batch).
+        self.end_batch(now);
         let timeout = self.cfg.idle_timeout;
         for i in 0..self.flows.high_water() {
             let idx = FlowIdx(i);
@@ -931,15 +962,6 @@ fn udp_header(
         udp_len,
     )?;
     Some(())
-}
-
-fn send(fd: RawFd, payload: &[u8]) -> Result<usize, Errno> {
-    loop {
-        match socket::send(fd, payload, MsgFlags::MSG_DONTWAIT) {
-            Err(Errno::EINTR) => continue,
-            r => return r,
-        }
-    }
 }
 
 /// A socket for one flow: bound to `port` if the host lets us, else ephemeral; connected to
@@ -1181,6 +1203,13 @@ mod tests {
         }
     }
 
+    /// A guest datagram, its frame batch ended.
+    fn guest4(u: &mut Udp, ip: &[u8], now: Instant) {
+        // SAFETY: `ip` outlives the batch, ended here.
+        unsafe { u.from_guest_v4(ip, now, &mut NoReg) };
+        u.end_batch(now);
+    }
+
     struct Sink(Vec<Vec<u8>>);
     impl ToGuest for Sink {
         fn send(&mut self, parts: &[&[u8]]) -> bool {
@@ -1300,13 +1329,13 @@ mod tests {
         let t0 = Instant::now();
         let guest_port = server_free_port();
         let d = dgram4(GUEST4, GW4, guest_port, port, b"ping");
-        u.from_guest_v4(&d, t0, &mut NoReg);
+        guest4(&mut u, &d, t0);
         assert_eq!(u.active_flows(), 1);
         let mut rx = [0u8; 64];
         let (n, from) = server.recv_from(&mut rx).unwrap();
         assert_eq!(&rx[..n], b"ping");
         assert_eq!(from.port(), guest_port, "guest's source port kept");
-        u.from_guest_v4(&d, t0 + Duration::from_secs(100), &mut NoReg);
+        guest4(&mut u, &d, t0 + Duration::from_secs(100));
         assert_eq!(u.active_flows(), 1, "same flow reused");
         assert_eq!(u.stats().flows_opened, 1);
         server.recv_from(&mut rx).unwrap();
@@ -1366,7 +1395,7 @@ mod tests {
         let mut u = Udp::new(cfg());
         let d = dgram4(GUEST4, GW4, 40000, closed, b"anyone?");
         let t0 = Instant::now();
-        u.from_guest_v4(&d, t0, &mut NoReg);
+        guest4(&mut u, &d, t0);
         let fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
         let mut pfd = libc::pollfd {
             fd,
@@ -1470,11 +1499,7 @@ mod tests {
         let mut u = Udp::new(cfg());
         let t0 = Instant::now();
         let guest_port = server_free_port();
-        u.from_guest_v4(
-            &dgram4(GUEST4, GW4, guest_port, port, b"hi"),
-            t0,
-            &mut NoReg,
-        );
+        guest4(&mut u, &dgram4(GUEST4, GW4, guest_port, port, b"hi"), t0);
         let mut rx = [0u8; 16];
         let (_, flow) = peer.recv_from(&mut rx).unwrap();
         let flow_fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
@@ -1511,7 +1536,7 @@ mod tests {
         let mut u = Udp::new(cfg());
         let t0 = Instant::now();
         let guest_port = server_free_port();
-        u.from_guest_v4(&dgram4(GUEST4, GW4, guest_port, port, b""), t0, &mut NoReg);
+        guest4(&mut u, &dgram4(GUEST4, GW4, guest_port, port, b""), t0);
         let mut rx = [0u8; 16];
         let (n, flow) = peer.recv_from(&mut rx).unwrap();
         assert_eq!(n, 0);
@@ -1555,16 +1580,16 @@ mod tests {
         let now = Instant::now();
         let mut d = dgram4(GUEST4, GW4, 1000, 2000, b"x");
         d[28] ^= 1;
-        u.from_guest_v4(&d, now, &mut NoReg);
+        guest4(&mut u, &d, now);
         assert_eq!(u.stats().bad_checksum, 1);
         let to_port0 = dgram4(GUEST4, GW4, 1000, 0, b"x");
-        u.from_guest_v4(&to_port0, now, &mut NoReg);
+        guest4(&mut u, &to_port0, now);
         let bcast = dgram4(GUEST4, Ipv4Addr::BROADCAST, 1000, 9, b"x");
-        u.from_guest_v4(&bcast, now, &mut NoReg);
+        guest4(&mut u, &bcast, now);
         assert_eq!(u.stats().dropped, 2);
         let mut frag = dgram4(GUEST4, GW4, 1000, 2000, b"x");
         frag[6] |= 0x20; // more fragments
-        u.from_guest_v4(&frag, now, &mut NoReg);
+        guest4(&mut u, &frag, now);
         assert_eq!(u.stats().malformed, 1);
         assert_eq!(u.active_flows(), 0);
     }
