@@ -65,6 +65,37 @@ pub trait ToGuest {
         }
     }
 
+    /// Builds up to `count` frames in place, their payloads written by one call of the
+    /// writer: [`ToGuest::send_with`] for several messages at once (`recvmmsg`).
+    ///
+    /// Each frame has `hdr_len` bytes of headers (at most [`MAX_HDR`]) and a payload of up
+    /// to `max_payload` bytes. The back-end reserves room for `count` frames with about
+    /// `size` bytes of payload each (the first at least `size`; fewer frames if it runs short
+    /// of room, at least one), and calls [`BatchWriter::payloads`] with all the rooms. A
+    /// payload may turn out longer than its room, up to the writer's private overflow: the
+    /// back-end then copies the rest ([`BatchWriter::overflow`]) into more room of its own,
+    /// or drops the frame if it has none. Payloads longer than `max_payload` are dropped
+    /// (the writer knows which, from their lengths). Then the back-end calls
+    /// [`BatchWriter::header`] for each frame it keeps, and queues the frames, in message
+    /// order, for the next [`ToGuest::flush`]. Room not used is given back.
+    ///
+    /// With no room for even one frame nothing is called and [`SendBatch::NoRoom`] is
+    /// returned, as for [`ToGuest::send_with`].
+    ///
+    /// The default builds one frame per call with [`ToGuest::send_with`], with exactly
+    /// `size` bytes of room: the per-message path, for back-ends with no batch of their own.
+    fn send_batch(
+        &mut self,
+        hdr_len: usize,
+        size: usize,
+        max_payload: usize,
+        count: usize,
+        w: &mut dyn BatchWriter,
+    ) -> SendBatch {
+        let _ = count;
+        send_batch_one(self, hdr_len, size, max_payload, w)
+    }
+
     /// Whether room came back since a [`ToGuest::send_with`] was refused with
     /// [`SendWith::NoRoom`] (the guest added RX buffers, the socket drained). Clears the
     /// condition: callers retry what they held back, once.
@@ -87,6 +118,90 @@ pub trait FrameWriter {
     fn header(&mut self, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool;
 }
 
+/// Fills the frames reserved by [`ToGuest::send_batch`]: one message (datagram) each.
+pub trait BatchWriter {
+    /// Writes up to `ends.len()` messages with one system call. Message `i`'s room is
+    /// `room[ends[i - 1]..ends[i]]` (`ends[-1]` being 0), raw iovecs as for
+    /// [`FrameWriter::payload`]; the writer adds private room of its own after it, for
+    /// messages longer than their room. Sets `lens[i]` to message `i`'s full length, which
+    /// may exceed its room (the rest is at [`Self::overflow`]) and even what the writer
+    /// could hold (the message was truncated: the back-end drops it, as it is longer than
+    /// any `max_payload`). Returns how many messages were written; 0 gives all the room
+    /// back untouched.
+    fn payloads(&mut self, room: &[libc::iovec], ends: &[usize], lens: &mut [usize]) -> usize;
+
+    /// The bytes of message `i` beyond its room, from the writer's private room: at most
+    /// `lens[i]` minus the room's length.
+    fn overflow(&self, i: usize) -> &[u8];
+
+    /// As [`FrameWriter::header`], for message `i`: headers for `len` bytes of payload
+    /// summing to `payload_sum`. `false` drops the frame.
+    fn header(&mut self, i: usize, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool;
+}
+
+/// Outcome of [`ToGuest::send_batch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum SendBatch {
+    /// The writer wrote `received` messages, `queued` of them went out as frames. The
+    /// others were longer than `max_payload` (the writer tells which from their lengths)
+    /// or lost in the back-end (which counts them).
+    Sent { received: usize, queued: usize },
+    /// No room for a frame: nothing was called.
+    NoRoom,
+    /// The writer wrote nothing ([`BatchWriter::payloads`] returned 0).
+    Abandoned,
+    /// Nothing could be reserved (bad arguments, a broken ring); nothing was called.
+    /// Counted by the back-end.
+    Dropped,
+}
+
+/// [`ToGuest::send_batch`] for one message, through [`ToGuest::send_with`]: the default,
+/// and the fallback of back-ends whose batch path doesn't apply.
+pub fn send_batch_one<T: ToGuest + ?Sized>(
+    to: &mut T,
+    hdr_len: usize,
+    size: usize,
+    max_payload: usize,
+    w: &mut dyn BatchWriter,
+) -> SendBatch {
+    /// One message of a batch writer as a frame writer.
+    struct One<'a> {
+        w: &'a mut dyn BatchWriter,
+        received: bool,
+    }
+    impl FrameWriter for One<'_> {
+        fn payload(&mut self, room: &[libc::iovec]) -> Option<usize> {
+            let mut len = [0usize];
+            if self.w.payloads(room, &[room.len()], &mut len) == 0 {
+                return None;
+            }
+            self.received = true;
+            let cap: usize = room.iter().map(|v| v.iov_len).sum();
+            // A longer message than the room reserved (by its size) can't be placed here.
+            (len[0] <= cap).then_some(len[0])
+        }
+        fn header(&mut self, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool {
+            self.w.header(0, hdr, len, payload_sum)
+        }
+    }
+    let room = size.min(max_payload);
+    let mut one = One { w, received: false };
+    match to.send_with(hdr_len, room, room, &mut one) {
+        SendWith::Sent(_) => SendBatch::Sent {
+            received: 1,
+            queued: 1,
+        },
+        SendWith::NoRoom => SendBatch::NoRoom,
+        SendWith::Abandoned | SendWith::Dropped if one.received => SendBatch::Sent {
+            received: 1,
+            queued: 0,
+        },
+        SendWith::Abandoned => SendBatch::Abandoned,
+        SendWith::Dropped => SendBatch::Dropped,
+    }
+}
+
 /// Outcome of [`ToGuest::send_with`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
@@ -105,6 +220,8 @@ pub enum SendWith {
 
 /// Largest header [`ToGuest::send_with`] takes: Ethernet, IPv6, TCP with options.
 pub const MAX_HDR: usize = 128;
+/// Most frames one [`ToGuest::send_batch`] builds.
+pub const MAX_BATCH: usize = 32;
 
 /// Payload room for a frame: `max_payload`, cut to what fits [`MAX_FRAME`]; `None` if that
 /// is below `min_payload` or the header is too long.

@@ -69,9 +69,11 @@ use crate::conf::{Config, Nat};
 use crate::event::{Register, Token};
 use crate::flow::{FlowIdx, FlowKey, FlowTable};
 use crate::logger::Limiter;
-use crate::tap::{FrameWriter, SendWith, ToGuest, MAX_FRAME};
+use crate::tap::{SendBatch, ToGuest, MAX_FRAME};
 use crate::wire;
+use recv::RECV_BATCH;
 
+mod recv;
 mod send;
 
 pub const MAX_FLOWS: usize = 4096;
@@ -191,6 +193,8 @@ pub struct Udp {
     cmsg: Box<[u64]>,
     /// Guest datagrams waiting for the end of the frame batch.
     send: send::SendQueue,
+    /// Buffers of the batches received towards the guest.
+    rbufs: recv::RecvBufs,
 }
 
 impl Udp {
@@ -207,6 +211,7 @@ impl Udp {
             buf: vec![0u8; PAYLOAD_AT + MAX_PAYLOAD_V4 + 1].into_boxed_slice(),
             cmsg: vec![0u64; 64].into_boxed_slice(),
             send: send::SendQueue::new(),
+            rbufs: recv::RecvBufs::new(),
         }
     }
 
@@ -464,7 +469,9 @@ impl Udp {
     }
 
     /// Datagrams arrived on forwarded port `i`: each goes to the guest through the flow of
-    /// its client, opened on the first one.
+    /// its client, opened on the first one. They are received in batches, with their
+    /// sources, into our own buffers (each may belong to another flow, so no frame can be
+    /// prepared for it), and copied into frames from there.
     pub fn listener_ready(
         &mut self,
         i: u32,
@@ -477,17 +484,10 @@ impl Udp {
             return;
         };
         let (fd, host_port, guest_port) = (l.fd.as_raw_fd(), l.host_port, l.guest_port);
-        for _ in 0..RECV_BUDGET {
-            let buf = &mut self.buf[PAYLOAD_AT..];
-            let r = socket::recvfrom::<SockaddrStorage>(fd, buf);
-            let (len, client) = match r {
-                Ok((len, Some(from))) => match sockaddr_to_std(&from) {
-                    Some(c) => (len, c),
-                    None => continue,
-                },
-                Ok((_, None)) => continue,
+        for _ in 0..RECV_BUDGET.div_ceil(RECV_BATCH) {
+            let n = match self.rbufs.recv_from(fd) {
+                Ok(n) => n,
                 Err(Errno::EAGAIN) => return,
-                Err(Errno::EINTR) => continue,
                 Err(e) => {
                     crate::limited!(
                         self.log_limit,
@@ -498,45 +498,54 @@ impl Udp {
                     return;
                 }
             };
-            let client = SocketAddr::new(crate::fwd::unmap(client.ip()), client.port());
-            let Some(src) = self.fwd_nat.host_to_guest_src(client.ip()) else {
-                self.stats.dropped += 1;
-                continue;
-            };
-            let Some(dst) = self.fwd_nat.guest_addr(src) else {
-                self.stats.dropped += 1;
-                continue;
-            };
-            let key = Key {
-                guest: SocketAddr::new(dst, guest_port),
-                remote: SocketAddr::new(src, client.port()),
-            };
-            let idx = match self.flows.lookup(&key.flow_key()) {
-                Some(idx) => idx,
-                None => match self.open_socket(key, client, host_port, now, reg) {
+            for k in 0..n {
+                let Some(client) = self.rbufs.datagram(k).2 else {
+                    continue;
+                };
+                let client = SocketAddr::new(crate::fwd::unmap(client.ip()), client.port());
+                let Some(src) = self.fwd_nat.host_to_guest_src(client.ip()) else {
+                    self.stats.dropped += 1;
+                    continue;
+                };
+                let Some(dst) = self.fwd_nat.guest_addr(src) else {
+                    self.stats.dropped += 1;
+                    continue;
+                };
+                let key = Key {
+                    guest: SocketAddr::new(dst, guest_port),
+                    remote: SocketAddr::new(src, client.port()),
+                };
+                let idx = match self.flows.lookup(&key.flow_key()) {
                     Some(idx) => idx,
-                    None => {
-                        self.stats.dropped += 1;
-                        continue;
-                    }
-                },
-            };
-            if let Some(f) = self.flows.get_mut(idx) {
-                f.last_used = now;
+                    None => match self.open_socket(key, client, host_port, now, reg) {
+                        Some(idx) => idx,
+                        None => {
+                            self.stats.dropped += 1;
+                            continue;
+                        }
+                    },
+                };
+                if let Some(f) = self.flows.get_mut(idx) {
+                    f.last_used = now;
+                }
+                self.deliver(key, k, macs, to_guest);
             }
-            self.deliver(key, len, macs, to_guest);
+            if n < RECV_BATCH {
+                return;
+            }
         }
     }
 
-    /// Sends the datagram of `len` bytes at `self.buf[PAYLOAD_AT..]` to the guest, from
+    /// Sends datagram `k` of the last batch of a forwarded port to the guest, from
     /// `key.remote` to `key.guest`.
     fn deliver(
         &mut self,
         key: Key,
-        len: usize,
+        k: usize,
         macs: ([u8; 6], [u8; 6]),
         to_guest: &mut dyn ToGuest,
     ) {
+        let (len, payload, _) = self.rbufs.datagram(k);
         let max = if key.remote.is_ipv6() {
             MAX_PAYLOAD_V6
         } else {
@@ -546,12 +555,14 @@ impl Udp {
             self.stats.too_big += 1;
             return;
         }
-        let start = PAYLOAD_AT - UDP_HLEN - wire::l3_header_len(key.remote.is_ipv6());
-        let frame = &mut self.buf[start..PAYLOAD_AT + len];
-        if emit_udp(frame, macs.0, macs.1, key.remote, key.guest).is_none() {
+        let mut hdr = [0u8; wire::ETH_HLEN + wire::IPV6_HLEN + UDP_HLEN];
+        let hdr = &mut hdr[..wire::l3_header_len(key.remote.is_ipv6()) + UDP_HLEN];
+        let sum = wire::PartialSum::of(payload).value();
+        let (g, o) = macs;
+        if udp_header(hdr, g, o, key.remote, key.guest, len, sum).is_none() {
             return;
         }
-        if to_guest.send(&[frame]) {
+        if to_guest.send(&[hdr, payload]) {
             self.stats.to_guest += 1;
         } else {
             self.stats.guest_drops += 1;
@@ -561,12 +572,13 @@ impl Udp {
     /// A flow's socket is readable, or (`err`) has an error pending: relay datagrams and
     /// ICMP errors to the guest.
     ///
-    /// Each datagram is received straight into a frame the back-end lends
-    /// ([`ToGuest::send_with`]: guest RX buffers in vhost-user mode), sized exactly by a
-    /// peek at its length (`MSG_PEEK | MSG_TRUNC`), and the headers are written around it.
-    /// If the back-end has no room, the flow stops reading (its socket leaves the epoll
-    /// read set) and the datagrams wait in the socket's receive buffer; what overflows it
-    /// is counted (`SO_RXQ_OVFL`) as `sock_drops`. [`Udp::room_returned`] resumes the flows.
+    /// Datagrams are received in batches ([`ToGuest::send_batch`], one `recvmmsg` each)
+    /// straight into frames the back-end lends (guest RX buffers in vhost-user mode), sized
+    /// by a peek at the length of the first (`MSG_PEEK | MSG_TRUNC`), and the headers are
+    /// written around them. If the back-end has no room, the flow stops reading (its socket
+    /// leaves the epoll read set) and the datagrams wait in the socket's receive buffer;
+    /// what overflows it is counted (`SO_RXQ_OVFL`) as `sock_drops`.
+    /// [`Udp::room_returned`] resumes the flows.
     #[allow(clippy::too_many_arguments)]
     pub fn from_sock(
         &mut self,
@@ -591,7 +603,8 @@ impl Udp {
         let hdr_len = wire::l3_header_len(key.remote.is_ipv6()) + UDP_HLEN;
         let mut errors_pending = err;
         let mut got_any = false;
-        for _ in 0..RECV_BUDGET {
+        let mut budget = RECV_BUDGET;
+        while budget > 0 {
             if errors_pending {
                 self.relay_errors(fd, key, host_peer, now, guest_mac, our_mac, to_guest);
                 errors_pending = false;
@@ -607,22 +620,30 @@ impl Udp {
                 // An ICMP error (ECONNREFUSED, EHOSTUNREACH, ...): details are queued.
                 Err(_) => {
                     errors_pending = true;
+                    budget -= 1;
                     continue;
                 }
             };
-            let mut w = DgramWriter {
+            budget -= 1;
+            if size > max {
+                // No frame can carry it: off the queue, without asking for room.
+                discard_head(fd);
+                self.stats.too_big += 1;
+                got_any = true;
+                continue;
+            }
+            let mut w = recv::DgramBatch {
+                bufs: &mut self.rbufs,
                 fd,
                 from: key.remote,
                 to: key.guest,
                 macs: (guest_mac, our_mac),
                 res: None,
+                asked: 0,
                 ovfl: None,
             };
-            // A datagram too big for a frame is received into as much room as there is,
-            // and dropped as truncated.
-            let want = size.min(max);
-            let res = to_guest.send_with(hdr_len, want, want, &mut w);
-            let (got, ovfl) = (w.res, w.ovfl);
+            let res = to_guest.send_batch(hdr_len, size, max, (budget + 1).min(RECV_BATCH), &mut w);
+            let (got, asked, ovfl, too_big) = (w.res, w.asked, w.ovfl, w.longer_than(max));
             if let Some(o) = ovfl {
                 if let Some(f) = self.flows.get_mut(idx) {
                     self.stats.sock_drops += u64::from(o.wrapping_sub(f.ovfl));
@@ -630,27 +651,29 @@ impl Udp {
                 }
             }
             match res {
-                SendWith::Sent(_) => {
+                SendBatch::Sent { received, queued } => {
                     got_any = true;
-                    self.stats.to_guest += 1;
+                    budget = budget.saturating_sub(received.saturating_sub(1));
+                    self.stats.to_guest += queued as u64;
+                    self.stats.too_big += too_big as u64;
+                    self.stats.guest_drops += received.saturating_sub(queued + too_big) as u64;
+                    // Fewer than asked: the queue was empty (or an error stopped the
+                    // batch, which epoll reports again). Spares a peek.
+                    if matches!(got, Some(Ok(n)) if n < asked) {
+                        break;
+                    }
                 }
-                SendWith::NoRoom => {
+                SendBatch::NoRoom => {
                     self.mute(idx, reg);
                     break;
                 }
-                SendWith::Dropped if got.is_none() => {
+                SendBatch::Dropped => {
                     // Never read: the back-end can't take any frame now.
                     self.stats.guest_drops += 1;
                     break;
                 }
-                SendWith::Dropped => self.stats.guest_drops += 1,
-                SendWith::Abandoned => match got {
-                    Some(Ok(n)) if n > max || n > want => {
-                        got_any = true;
-                        self.stats.too_big += 1;
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(Errno::EAGAIN)) | None => break,
+                SendBatch::Abandoned => match got {
+                    Some(Err(Errno::EAGAIN)) | Some(Ok(_)) | None => break,
                     Some(Err(Errno::EINTR)) => {}
                     // An ICMP error (ECONNREFUSED, EHOSTUNREACH, ...): details are queued.
                     Some(Err(_)) => errors_pending = true,
@@ -824,72 +847,6 @@ fn check_udp(src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<&[u8], Reject> {
     }
 }
 
-/// Writes Ethernet, IP and UDP headers in front of the payload that ends `frame`, from
-/// `from` to `to`, UDP checksum included. `frame` starts at the Ethernet header.
-fn emit_udp(
-    frame: &mut [u8],
-    guest_mac: [u8; 6],
-    our_mac: [u8; 6],
-    from: SocketAddr,
-    to: SocketAddr,
-) -> Option<()> {
-    let payload_at = wire::l3_header_len(from.is_ipv6()) + UDP_HLEN;
-    let payload_len = frame.len().checked_sub(payload_at)?;
-    let (hdr, payload) = frame.split_at_mut(payload_at);
-    let sum = wire::PartialSum::of(payload).value();
-    udp_header(hdr, guest_mac, our_mac, from, to, payload_len, sum)
-}
-
-/// One datagram received in place, headers written around it.
-struct DgramWriter {
-    fd: RawFd,
-    from: SocketAddr,
-    to: SocketAddr,
-    macs: ([u8; 6], [u8; 6]),
-    /// What `recvmsg` returned: the datagram's real length (`MSG_TRUNC`), or the error.
-    res: Option<Result<usize, Errno>>,
-    /// The socket's drop counter, if the kernel attached it.
-    ovfl: Option<u32>,
-}
-
-impl FrameWriter for DgramWriter {
-    fn payload(&mut self, room: &[libc::iovec]) -> Option<usize> {
-        let mut cmsg = [0u64; 4];
-        // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = room.as_ptr().cast_mut();
-        msg.msg_iovlen = room.len();
-        msg.msg_control = cmsg.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&cmsg);
-        // SAFETY: the kernel writes through the iovecs the back-end lent for writing (never
-        // through the array itself) and into `cmsg`, within `msg_controllen`. With
-        // MSG_TRUNC the result is the datagram's real length, even when longer than the room.
-        let n = unsafe { libc::recvmsg(self.fd, &mut msg, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
-        if n < 0 {
-            self.res = Some(Err(Errno::last()));
-            return None;
-        }
-        self.ovfl = rxq_ovfl(&msg);
-        let n = n as usize;
-        self.res = Some(Ok(n));
-        let cap: usize = room.iter().map(|v| v.iov_len).sum();
-        (n <= cap).then_some(n)
-    }
-
-    fn header(&mut self, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool {
-        udp_header(
-            hdr,
-            self.macs.0,
-            self.macs.1,
-            self.from,
-            self.to,
-            len,
-            payload_sum,
-        )
-        .is_some()
-    }
-}
-
 /// The length of the datagram at the head of `fd`'s receive queue, left there.
 fn peek_len(fd: RawFd) -> Result<usize, Errno> {
     let mut byte = 0u8;
@@ -907,6 +864,19 @@ fn peek_len(fd: RawFd) -> Result<usize, Errno> {
         return Err(Errno::last());
     }
     Ok(n as usize)
+}
+
+/// Drops the datagram at the head of `fd`'s receive queue (received into no room).
+fn discard_head(fd: RawFd) {
+    // SAFETY: a receive of at most 0 bytes into a null buffer: nothing is written.
+    let _ = unsafe {
+        libc::recv(
+            fd,
+            std::ptr::null_mut(),
+            0,
+            libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
 }
 
 /// The `SO_RXQ_OVFL` counter among a received message's control data.
@@ -1179,19 +1149,28 @@ fn emit_icmp_error(
     Some(icmp_at + icmp_len - start)
 }
 
-fn sockaddr_to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = a.as_sockaddr_in() {
-        return Some(SocketAddr::V4(SocketAddrV4::new(v4.ip(), v4.port())));
-    }
-    a.as_sockaddr_in6()
-        .map(|v6| SocketAddr::V6(SocketAddrV6::new(v6.ip(), v6.port(), 0, 0)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tap::{FrameWriter, SendWith};
     use std::io;
     use std::net::UdpSocket;
+
+    /// Writes Ethernet, IP and UDP headers in front of the payload that ends `frame`, from
+    /// `from` to `to`, UDP checksum included. `frame` starts at the Ethernet header.
+    fn emit_udp(
+        frame: &mut [u8],
+        guest_mac: [u8; 6],
+        our_mac: [u8; 6],
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Option<()> {
+        let payload_at = wire::l3_header_len(from.is_ipv6()) + UDP_HLEN;
+        let payload_len = frame.len().checked_sub(payload_at)?;
+        let (hdr, payload) = frame.split_at_mut(payload_at);
+        let sum = wire::PartialSum::of(payload).value();
+        udp_header(hdr, guest_mac, our_mac, from, to, payload_len, sum)
+    }
 
     struct NoReg;
     impl Register for NoReg {
