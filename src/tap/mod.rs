@@ -270,3 +270,86 @@ impl ToGuest for Discard {
         SendWith::NoRoom
     }
 }
+
+/// Test helpers shared by the back-ends' tests.
+#[cfg(test)]
+pub mod testutil {
+    use super::BatchWriter;
+    use crate::wire::PartialSum;
+
+    /// "Receives" the given messages into the back-end's room as `recvmmsg` would (room
+    /// first, the rest into an overflow of `ovf_cap` bytes, full lengths reported), and
+    /// writes as headers the message's index (as 4 bytes) then `0xee`s. Records what it
+    /// was offered and the lengths and sums the back-end reported.
+    pub struct FakeBatch {
+        pub msgs: Vec<Vec<u8>>,
+        pub ovf_cap: usize,
+        /// Room offered per message.
+        pub rooms: Vec<usize>,
+        pub ovf: Vec<Vec<u8>>,
+        /// (index, len, sum) of each header call.
+        pub headers: Vec<(usize, usize, u16)>,
+        /// Header calls refused, by message index.
+        pub refuse: Vec<usize>,
+    }
+
+    impl FakeBatch {
+        pub fn new(msgs: Vec<Vec<u8>>) -> Self {
+            FakeBatch {
+                msgs,
+                ovf_cap: 70000,
+                rooms: Vec::new(),
+                ovf: Vec::new(),
+                headers: Vec::new(),
+                refuse: Vec::new(),
+            }
+        }
+
+        /// Whether every header call had the right length and payload sum.
+        pub fn sums_right(&self) -> bool {
+            self.headers.iter().all(|&(i, len, sum)| {
+                len == self.msgs[i].len() && sum == PartialSum::of(&self.msgs[i]).value()
+            })
+        }
+    }
+
+    impl BatchWriter for FakeBatch {
+        fn payloads(&mut self, room: &[libc::iovec], ends: &[usize], lens: &mut [usize]) -> usize {
+            let n = ends.len().min(self.msgs.len()).min(lens.len());
+            self.rooms.clear();
+            self.ovf.clear();
+            let mut prev = 0;
+            for i in 0..n {
+                let m = &self.msgs[i];
+                let mut done = 0;
+                let mut cap = 0;
+                for v in &room[prev..ends[i]] {
+                    cap += v.iov_len;
+                    let k = v.iov_len.min(m.len() - done);
+                    // SAFETY: test memory, lent for writing, `k` within the iovec.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(m[done..].as_ptr(), v.iov_base.cast(), k)
+                    };
+                    done += k;
+                }
+                self.rooms.push(cap);
+                let rest = &m[done..];
+                self.ovf.push(rest[..rest.len().min(self.ovf_cap)].to_vec());
+                lens[i] = m.len();
+                prev = ends[i];
+            }
+            n
+        }
+
+        fn overflow(&self, i: usize) -> &[u8] {
+            self.ovf.get(i).map_or(&[], |v| &v[..])
+        }
+
+        fn header(&mut self, i: usize, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool {
+            self.headers.push((i, len, payload_sum));
+            hdr.fill(0xee);
+            hdr[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            !self.refuse.contains(&i)
+        }
+    }
+}
