@@ -284,7 +284,7 @@ pub mod testutil {
     pub struct FakeBatch {
         pub msgs: Vec<Vec<u8>>,
         pub ovf_cap: usize,
-        /// Room offered per message.
+        /// Room offered per message (received or not).
         pub rooms: Vec<usize>,
         pub ovf: Vec<Vec<u8>>,
         /// (index, len, sum) of each header call.
@@ -319,12 +319,16 @@ pub mod testutil {
             self.rooms.clear();
             self.ovf.clear();
             let mut prev = 0;
+            for &end in ends {
+                self.rooms
+                    .push(room[prev..end].iter().map(|v| v.iov_len).sum());
+                prev = end;
+            }
+            let mut prev = 0;
             for i in 0..n {
                 let m = &self.msgs[i];
                 let mut done = 0;
-                let mut cap = 0;
                 for v in &room[prev..ends[i]] {
-                    cap += v.iov_len;
                     let k = v.iov_len.min(m.len() - done);
                     // SAFETY: test memory, lent for writing, `k` within the iovec.
                     unsafe {
@@ -332,7 +336,6 @@ pub mod testutil {
                     };
                     done += k;
                 }
-                self.rooms.push(cap);
                 let rest = &m[done..];
                 self.ovf.push(rest[..rest.len().min(self.ovf_cap)].to_vec());
                 lens[i] = m.len();
