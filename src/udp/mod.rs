@@ -45,15 +45,58 @@
 //! flow idle for the configured timeout ([`DEFAULT_IDLE_TIMEOUT`] unless `--udp-timeout`)
 //! is closed by [`Udp::expire`]. Datagrams towards the guest larger than what fits
 //! [`crate::tap::MAX_FRAME`] (65507 bytes of payload over IPv4, 65487 over IPv6) are
-//! dropped and counted. The receive buffers serve every flow: nothing is allocated per
-//! datagram. Host datagrams of a flow are received one `recvmsg` each straight into the
-//! frame the guest back-end lends (guest memory in vhost-user mode), at most
-//! `RECV_BUDGET` per readiness event. A forwarded port's first datagram from a client is
-//! read through our buffer (its source picks the flow); the client's later ones arrive on
-//! the flow's connected socket.
+//! dropped and counted. Buffers are allocated with the table: nothing per datagram.
 //!
-//! Towards the host, datagrams are not sent as their frames are handled but queued, and
-//! sent when the frame batch ends, each flow's run with one `sendmmsg` (`udp/send.rs`).
+//! # Batches
+//! Towards the host (`udp/send.rs`): a guest datagram is checked and its flow found or
+//! opened as its frame is handled, but not sent then: its payload is queued where it is
+//! (in the guest's TX buffer, or the stream back-end's read buffer: frames stay in place
+//! until their batch ends, [`crate::tap::FrameHandler::end_batch`]), and the queue goes out
+//! at [`Udp::end_batch`], grouped by socket, each flow's run with one `sendmmsg`.
+//!
+//! Towards the guest (`udp/recv.rs`), for a readable flow socket, repeatedly (at most
+//! `RECV_BUDGET` datagrams per readiness event, so a busy flow can't starve the others):
+//! 1. Peek at the length of the first datagram queued (`MSG_PEEK | MSG_TRUNC`; not
+//!    `FIONREAD`, whose 0 means both "empty" and "a zero-length datagram").
+//! 2. Ask the guest back-end for room for up to `RECV_BATCH` frames of that size
+//!    ([`ToGuest::send_batch`]): guest RX buffers in vhost-user mode, slots of the output
+//!    buffer in stream mode. Flows tend to send datagrams of one size (bulk transfers,
+//!    media), so the prediction usually holds for the whole batch.
+//! 3. Receive into that room with one `recvmmsg`, each message's room followed by private
+//!    overflow room of its own; write the headers around each payload from the flow's key.
+//!    The payload lands where the frame goes to the guest: one copy, the kernel's. A
+//!    datagram longer than predicted has its tail copied from the overflow; the back-end
+//!    absorbs one shorter than predicted (vhost-user: its spare buffers ride along as
+//!    trailing Ethernet padding, one byte each; stream: the frames after it move to close
+//!    the gap, a copy each).
+//!
+//! A forwarded port's datagrams are received in batches too, with their sources, into the
+//! overflow room (each may belong to another flow, so no frame can be prepared for it), and
+//! copied into frames from there; a client's later datagrams arrive on its flow's socket.
+//!
+//! Upstream passt (`udp_vu.c`) reads in vhost-user mode one datagram per `recvmsg`, into
+//! guest buffers collected for the largest datagram and rewound after. We batch there too,
+//! which needs the frames laid out after the receive (step 3), and size the room by a peek
+//! rather than for the largest datagram, so a batch doesn't take 64 KiB of guest buffers per
+//! message. In its other modes upstream receives batches into buffers of its own and
+//! copies the frames out; we receive into the stream back-end's output buffer directly.
+//!
+//! # No room towards the guest: the bounded queue
+//! If the back-end has no room (the guest posted no RX buffers, or the stream socket is
+//! backed up), the flow stops reading: its socket leaves the epoll read set, and its
+//! datagrams wait in the kernel's socket receive buffer. That buffer is our bounded queue
+//! for datagrams waiting for the guest: it holds `SO_RCVBUF` bytes, costs us nothing, and
+//! what it can't hold the kernel drops and counts; the count comes with every datagram
+//! received (`SO_RXQ_OVFL`) and is added to [`UdpStats::sock_drops`]. The back-end asks
+//! the guest for a kick on its next RX buffer (refusals are counted as
+//! [`crate::virtio::rx::RxStats::no_room`]); when room comes back
+//! ([`ToGuest::room_returned`]), [`Udp::room_returned`] puts the flows back in the read
+//! set and the datagrams waiting go out in order. Reading them into a queue of our own
+//! instead would cost a copy each and a second bound.
+//!
+//! Counters: [`UdpStats`]: `to_guest`, `too_big`, `guest_drops` (lost in the back-end),
+//! `sock_drops` (lost in the kernel while waiting), `dropped` (guest datagrams the host
+//! refused, `sendmmsg` errors included).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
