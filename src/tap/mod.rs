@@ -277,6 +277,33 @@ pub mod testutil {
     use super::BatchWriter;
     use crate::wire::PartialSum;
 
+    /// What a frame built with [`FakeBatch`] for message `i` looks like: its index (4
+    /// bytes) and `0xee`s as `hdr_len` bytes of headers, the payload, zero padding to the
+    /// Ethernet minimum.
+    pub fn batch_frame(i: usize, hdr_len: usize, payload: &[u8]) -> Vec<u8> {
+        let mut f = (i as u32).to_be_bytes().to_vec();
+        f.resize(hdr_len, 0xee);
+        f.extend_from_slice(payload);
+        if f.len() < super::ETH_MIN_FRAME {
+            f.resize(super::ETH_MIN_FRAME, 0);
+        }
+        f
+    }
+
+    /// A xorshift generator for randomised tests: reproducible, no dependency.
+    pub struct XorShift(pub u32);
+
+    impl XorShift {
+        /// A number below `n`.
+        pub fn below(&mut self, n: u32) -> u32 {
+            let x = &mut self.0;
+            *x ^= *x << 13;
+            *x ^= *x >> 17;
+            *x ^= *x << 5;
+            *x % n
+        }
+    }
+
     /// "Receives" the given messages into the back-end's room as `recvmmsg` would (room
     /// first, the rest into an overflow of `ovf_cap` bytes, full lengths reported), and
     /// writes as headers the message's index (as 4 bytes) then `0xee`s. Records what it

@@ -615,20 +615,9 @@ mod tests {
         assert_eq!(reader.join().unwrap(), sent);
     }
 
-    use super::super::testutil::FakeBatch;
+    use super::super::testutil::{batch_frame, FakeBatch, XorShift};
 
     const HDR: usize = 42;
-
-    /// What a frame built by [`FakeBatch`] for message `i` looks like.
-    fn batch_frame(i: usize, payload: &[u8]) -> Vec<u8> {
-        let mut f = (i as u32).to_be_bytes().to_vec();
-        f.resize(HDR, 0xee);
-        f.extend_from_slice(payload);
-        if f.len() < ETH_MIN_FRAME {
-            f.resize(ETH_MIN_FRAME, 0);
-        }
-        f
-    }
 
     fn payload(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
@@ -680,7 +669,7 @@ mod tests {
         let want: Vec<_> = msgs
             .iter()
             .enumerate()
-            .map(|(i, m)| batch_frame(i, m))
+            .map(|(i, m)| batch_frame(i, HDR, m))
             .collect();
         assert_eq!(frames, want);
         assert!(w.sums_right());
@@ -710,7 +699,7 @@ mod tests {
             .iter()
             .enumerate()
             .filter(|&(i, _)| i != 5 && i != 6)
-            .map(|(i, m)| batch_frame(i, m))
+            .map(|(i, m)| batch_frame(i, HDR, m))
             .collect();
         assert_eq!(frames, want);
         assert!(w.sums_right());
@@ -719,13 +708,8 @@ mod tests {
     /// Random sizes around the slot size: whatever moves where, every frame arrives intact.
     #[test]
     fn batch_layout_survives_random_sizes() {
-        let mut x: u32 = 0x2545_f491;
-        let mut rnd = |n: u32| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x % n
-        };
+        let mut x = XorShift(0x2545_f491);
+        let mut rnd = |n: u32| x.below(n);
         for round in 0..300 {
             let size = rnd(3000) as usize;
             let n = 1 + rnd(MAX_BATCH as u32) as usize;
@@ -745,7 +729,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .filter(|(_, m)| m.len() <= 5000)
-                .map(|(i, m)| batch_frame(i, m))
+                .map(|(i, m)| batch_frame(i, HDR, m))
                 .collect();
             assert_eq!(
                 r,

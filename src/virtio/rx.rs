@@ -335,6 +335,63 @@ impl RxQueue {
     }
 }
 
+/// What [`RxQueue::in_place`] needs to know of an in-place outcome.
+trait InPlace: Copy {
+    const NO_ROOM: Self;
+    fn no_room(&self) -> bool;
+    fn dropped(&self) -> bool;
+}
+
+impl InPlace for SendWith {
+    const NO_ROOM: Self = SendWith::NoRoom;
+    fn no_room(&self) -> bool {
+        *self == SendWith::NoRoom
+    }
+    fn dropped(&self) -> bool {
+        *self == SendWith::Dropped
+    }
+}
+
+impl InPlace for SendBatch {
+    const NO_ROOM: Self = SendBatch::NoRoom;
+    fn no_room(&self) -> bool {
+        *self == SendBatch::NoRoom
+    }
+    fn dropped(&self) -> bool {
+        *self == SendBatch::Dropped
+    }
+}
+
+impl RxQueue {
+    /// Builds frames in place with `build`, if frames can go now and none wait before
+    /// them. Without buffers, asks for a kick on the next ones (and tries once more if they
+    /// raced in meanwhile); refusals are counted, and reported by
+    /// [`ToGuest::room_returned`] once room is back.
+    fn in_place<R: InPlace>(&mut self, mut build: impl FnMut(&mut RxRing) -> R) -> R {
+        if self.is_ready() && self.has_pending() {
+            self.service_pending();
+        }
+        // Frames queued before these go first.
+        if !self.is_ready() || self.has_pending() {
+            self.starved = true;
+            self.rx.stats.no_room += 1;
+            return R::NO_ROOM;
+        }
+        loop {
+            let r = build(&mut self.rx);
+            if r.no_room() {
+                if self.starve() {
+                    continue;
+                }
+                self.rx.stats.no_room += 1;
+            } else if r.dropped() && self.rx.ring.is_broken() {
+                self.rx.stats.broken += 1;
+            }
+            return r;
+        }
+    }
+}
+
 impl ToGuest for RxQueue {
     fn send(&mut self, parts: &[&[u8]]) -> bool {
         let len: usize = parts.iter().map(|p| p.len()).sum();
@@ -388,38 +445,7 @@ impl ToGuest for RxQueue {
             self.rx.stats.drop_too_big += 1;
             return SendWith::Dropped;
         };
-        if !self.is_ready() {
-            self.starved = true;
-            self.rx.stats.no_room += 1;
-            return SendWith::NoRoom;
-        }
-        if self.has_pending() {
-            self.service_pending();
-        }
-        // Frames queued before this one go first.
-        if self.has_pending() {
-            self.starved = true;
-            self.rx.stats.no_room += 1;
-            return SendWith::NoRoom;
-        }
-        loop {
-            match self.rx.deliver_with(hdr_len, min_payload, max_payload, w) {
-                SendWith::NoRoom => {
-                    if self.starve() {
-                        continue;
-                    }
-                    self.rx.stats.no_room += 1;
-                    return SendWith::NoRoom;
-                }
-                SendWith::Dropped => {
-                    if self.rx.ring.is_broken() {
-                        self.rx.stats.broken += 1;
-                    }
-                    return SendWith::Dropped;
-                }
-                other => return other,
-            }
-        }
+        self.in_place(|rx| rx.deliver_with(hdr_len, min_payload, max_payload, w))
     }
 
     /// With MRG_RXBUF: one reservation for the whole batch, each message's buffers sized
@@ -443,41 +469,8 @@ impl ToGuest for RxQueue {
             self.rx.stats.drop_too_big += 1;
             return SendBatch::Dropped;
         }
-        if !self.is_ready() {
-            self.starved = true;
-            self.rx.stats.no_room += 1;
-            return SendBatch::NoRoom;
-        }
-        if self.has_pending() {
-            self.service_pending();
-        }
-        // Frames queued before these go first.
-        if self.has_pending() {
-            self.starved = true;
-            self.rx.stats.no_room += 1;
-            return SendBatch::NoRoom;
-        }
-        loop {
-            match self
-                .rx
-                .deliver_batch(hdr_len, size, max_payload, count.clamp(1, MAX_BATCH), w)
-            {
-                SendBatch::NoRoom => {
-                    if self.starve() {
-                        continue;
-                    }
-                    self.rx.stats.no_room += 1;
-                    return SendBatch::NoRoom;
-                }
-                SendBatch::Dropped => {
-                    if self.rx.ring.is_broken() {
-                        self.rx.stats.broken += 1;
-                    }
-                    return SendBatch::Dropped;
-                }
-                other => return other,
-            }
-        }
+        let count = count.clamp(1, MAX_BATCH);
+        self.in_place(|rx| rx.deliver_batch(hdr_len, size, max_payload, count, w))
     }
 
     fn room_returned(&mut self) -> bool {
@@ -1915,19 +1908,7 @@ mod tests {
         assert!(p.push(&[&[9u8; 100]], 100));
     }
 
-    use crate::tap::testutil::FakeBatch;
-
-    /// What [`FakeBatch`] builds for message `i`: its index, 0xee headers, the payload,
-    /// padding to the Ethernet minimum.
-    fn batch_frame(i: usize, payload: &[u8]) -> Vec<u8> {
-        let mut f = (i as u32).to_be_bytes().to_vec();
-        f.resize(HDR, 0xee);
-        f.extend_from_slice(payload);
-        if f.len() < ETH_MIN_FRAME {
-            f.resize(ETH_MIN_FRAME, 0);
-        }
-        f
-    }
+    use crate::tap::testutil::{batch_frame, FakeBatch, XorShift};
 
     /// The frames in the used ring from element `from` on, and the buffer count of each.
     fn used_frames(d: &Driver, bufs: &[(u16, u64)], from: u16) -> Vec<(Vec<u8>, u16)> {
@@ -1976,7 +1957,7 @@ mod tests {
         let frames = used_frames(&d, &bufs, 0);
         assert_eq!(frames.len(), 5);
         for (i, (f, n)) in frames.iter().enumerate() {
-            assert!((f, *n) == (&batch_frame(i, &msgs[i]), 1), "frame {i}");
+            assert!((f, *n) == (&batch_frame(i, HDR, &msgs[i]), 1), "frame {i}");
         }
         assert_eq!(rx.stats().frames, 5);
     }
@@ -2010,14 +1991,14 @@ mod tests {
         rx.flush();
         let frames = used_frames(&d, &bufs, 0);
         assert_eq!(frames.len(), 4);
-        assert!(frames[0] == (batch_frame(0, &msgs[0]), 2));
+        assert!(frames[0] == (batch_frame(0, HDR, &msgs[0]), 2));
         assert_eq!(frames[1].1, 2, "the spare buffer pads the short frame");
-        assert!(padded_eq(&frames[1].0, &batch_frame(1, &msgs[1])));
+        assert!(padded_eq(&frames[1].0, &batch_frame(1, HDR, &msgs[1])));
         // 12 + 42 + 3000 bytes: 3 buffers (its two and one of message 5's).
-        assert!(frames[2] == (batch_frame(2, &msgs[2]), 3));
+        assert!(frames[2] == (batch_frame(2, HDR, &msgs[2]), 3));
         // Its own two buffers (one of padding), and message 4's two (dropped).
         assert_eq!(frames[3].1, 4);
-        assert!(padded_eq(&frames[3].0, &batch_frame(3, &msgs[3])));
+        assert!(padded_eq(&frames[3].0, &batch_frame(3, HDR, &msgs[3])));
         // 7 messages x 2 buffers reserved, 11 used: message 5's second and message 6's
         // two go back.
         assert_eq!(d.used_idx(), 11);
@@ -2045,9 +2026,9 @@ mod tests {
         );
         rx.flush();
         let frames = used_frames(&d, &bufs, 0);
-        assert!(frames[0] == (batch_frame(0, &msgs[0]), 1));
+        assert!(frames[0] == (batch_frame(0, HDR, &msgs[0]), 1));
         // 12 + 42 + 4000 bytes: its own buffer and three more.
-        assert!(frames[1] == (batch_frame(1, &msgs[1]), 4));
+        assert!(frames[1] == (batch_frame(1, HDR, &msgs[1]), 4));
         assert_eq!(rx.rx.ring.next_avail(), 5);
 
         // Four buffers: one each for three messages, and one left for a tail needing
@@ -2067,9 +2048,9 @@ mod tests {
         rx.flush();
         let frames = used_frames(&d, &bufs, 5);
         assert_eq!(frames.len(), 2);
-        assert!(frames[0] == (batch_frame(0, &msgs[0]), 1));
+        assert!(frames[0] == (batch_frame(0, HDR, &msgs[0]), 1));
         assert_eq!(frames[1].1, 2);
-        assert!(padded_eq(&frames[1].0, &batch_frame(1, &msgs[1])));
+        assert!(padded_eq(&frames[1].0, &batch_frame(1, HDR, &msgs[1])));
         assert_eq!(d.used_idx(), 8);
         assert_eq!(rx.rx.ring.next_avail(), 8, "the tail's buffer given back");
     }
@@ -2097,7 +2078,7 @@ mod tests {
         let frames = used_frames(&d, &bufs, 0);
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].1, 2);
-        assert!(padded_eq(&frames[0].0, &batch_frame(1, &msgs[1])));
+        assert!(padded_eq(&frames[0].0, &batch_frame(1, HDR, &msgs[1])));
         assert_eq!(rx.rx.ring.next_avail(), 2);
         // The writer receiving nothing gives everything back.
         let mut w = FakeBatch::new(vec![]);
@@ -2136,20 +2117,15 @@ mod tests {
         );
         rx.flush();
         let frames = used_frames(&d, &bufs, 0);
-        assert!(frames[0] == (batch_frame(0, &frame(1000, 0)), 2));
+        assert!(frames[0] == (batch_frame(0, HDR, &frame(1000, 0)), 2));
     }
 
     /// Random sizes and buffer sizes: every frame kept arrives whole, in order, with no
     /// empty used element, and the buffers not used are back in the ring.
     #[test]
     fn batch_survives_random_sizes() {
-        let mut x: u32 = 0x9e37_79b9;
-        let mut rnd = |n: u32| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x % n
-        };
+        let mut x = XorShift(0x9e37_79b9);
+        let mut rnd = |n: u32| x.below(n);
         for round in 0..200 {
             let mem = memory();
             let mut d = Driver::new(&mem);
@@ -2184,7 +2160,7 @@ mod tests {
                     assert_eq!(frames.len(), queued, "round {round}");
                     let mut k = 0;
                     for (i, m) in msgs.iter().enumerate().take(received) {
-                        if k < frames.len() && padded_eq(&frames[k].0, &batch_frame(i, m)) {
+                        if k < frames.len() && padded_eq(&frames[k].0, &batch_frame(i, HDR, m)) {
                             k += 1;
                         } else {
                             assert!(
