@@ -2,7 +2,7 @@
 //!
 //! [`RecvBufs`] holds what a batch needs besides the room the guest back-end lends: the
 //! message headers, the iovec array (the back-end's room for message i, then private
-//! overflow room of message i's own), control buffers for `SO_RXQ_OVFL`, source addresses
+//! overflow room of message i's own), a control buffer for `SO_RXQ_OVFL`, source addresses
 //! (forwarded ports), and the overflow room, one largest datagram per message. All of it
 //! is allocated once; the overflow room is only touched (and only then backed by memory)
 //! by datagrams longer than the room the back-end predicted for them, and by forwarded
@@ -31,7 +31,8 @@ const CMSG_WORDS: usize = 4;
 pub struct RecvBufs {
     msgs: Box<[libc::mmsghdr]>,
     iov: Box<[libc::iovec]>,
-    cmsg: Box<[[u64; CMSG_WORDS]]>,
+    /// Control room of the first message of a batch.
+    cmsg: Box<[u64; CMSG_WORDS]>,
     names: Box<[libc::sockaddr_storage]>,
     ovf: Box<[u8]>,
     /// Room the back-end lent to each message of the current batch.
@@ -59,7 +60,7 @@ impl RecvBufs {
         RecvBufs {
             msgs: vec![msg; RECV_BATCH].into_boxed_slice(),
             iov: vec![iov; MAX_IOV].into_boxed_slice(),
-            cmsg: vec![[0u64; CMSG_WORDS]; RECV_BATCH].into_boxed_slice(),
+            cmsg: Box::new([0u64; CMSG_WORDS]),
             names: vec![name; RECV_BATCH].into_boxed_slice(),
             ovf: vec![0u8; RECV_BATCH * OVERFLOW].into_boxed_slice(),
             room: [0; RECV_BATCH],
@@ -67,14 +68,21 @@ impl RecvBufs {
         }
     }
 
-    /// Points message `i` at `iov[at..at + n]`, its control buffer and, if `named`, its
-    /// address buffer.
+    /// Points message `i` at `iov[at..at + n]` and, if `named`, its address buffer. Only
+    /// the first message gets a control buffer: the drop count (`SO_RXQ_OVFL`) is the
+    /// socket's running total, once per batch is enough, and copying it out for every
+    /// message cost several percent of the receive path.
     fn set_msg(&mut self, i: usize, at: usize, n: usize, named: bool) {
         let h = &mut self.msgs[i].msg_hdr;
         h.msg_iov = self.iov[at..].as_mut_ptr();
         h.msg_iovlen = n;
-        h.msg_control = self.cmsg[i].as_mut_ptr().cast();
-        h.msg_controllen = std::mem::size_of::<[u64; CMSG_WORDS]>();
+        if i == 0 {
+            h.msg_control = self.cmsg.as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of_val(&*self.cmsg);
+        } else {
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+        }
         h.msg_flags = 0;
         if named {
             h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
@@ -124,9 +132,9 @@ impl RecvBufs {
         }
     }
 
-    /// The `SO_RXQ_OVFL` count the kernel attached to message `i`, if any.
-    fn ovfl(&self, i: usize) -> Option<u32> {
-        rxq_ovfl(&self.msgs[i].msg_hdr)
+    /// The `SO_RXQ_OVFL` count the kernel attached to the first message, if any.
+    fn ovfl(&self) -> Option<u32> {
+        rxq_ovfl(&self.msgs[0].msg_hdr)
     }
 
     /// Receives up to [`RECV_BATCH`] datagrams with their sources, entirely into the
@@ -210,7 +218,7 @@ impl BatchWriter for DgramBatch<'_> {
                 self.res = Some(Ok(got));
                 lens[..got].copy_from_slice(&b.lens[..got]);
                 if got > 0 {
-                    self.ovfl = b.ovfl(got - 1);
+                    self.ovfl = b.ovfl();
                 }
                 got
             }
