@@ -57,8 +57,10 @@ pub struct Engine {
     tcp: Option<Box<Tcp>>,
     udp: Option<Udp>,
     reply: Box<[u8]>,
-    /// Split frames other than TCP data, copied together to be parsed whole.
+    /// Split frames other than TCP data, copied together to be parsed whole, back to back
+    /// for a batch; `linear_used` bytes are taken.
     linear: Box<[u8]>,
+    linear_used: usize,
     registrar: EpollRegistrar,
     now: Instant,
     stats: EngineStats,
@@ -74,7 +76,8 @@ impl Engine {
             tcp: None,
             udp: None,
             reply: vec![0u8; REPLY_BUF_LEN].into_boxed_slice(),
-            linear: vec![0u8; MAX_FRAME].into_boxed_slice(),
+            linear: vec![0u8; 4 * MAX_FRAME].into_boxed_slice(),
+            linear_used: 0,
             registrar,
             now: Instant::now(),
             stats: EngineStats::default(),
@@ -414,7 +417,9 @@ impl Engine {
             IpProtocol::Udp => match self.udp.as_mut() {
                 Some(udp) => {
                     self.stats.udp += 1;
-                    udp.from_guest_v4(ip, self.now, &mut self.registrar);
+                    // SAFETY: `ip` is part of the frame being handled, whose bytes stay
+                    // in place until `end_batch` (FrameHandler), which ends UDP's batch.
+                    unsafe { udp.from_guest_v4(ip, self.now, &mut self.registrar) };
                 }
                 None => self.stats.unsupported += 1,
             },
@@ -467,7 +472,8 @@ impl Engine {
             IpProtocol::Udp => match self.udp.as_mut() {
                 Some(udp) => {
                     self.stats.udp += 1;
-                    udp.from_guest_v6(ip, self.now, &mut self.registrar);
+                    // SAFETY: as for IPv4 above.
+                    unsafe { udp.from_guest_v6(ip, self.now, &mut self.registrar) };
                 }
                 None => self.stats.unsupported += 1,
             },
@@ -499,16 +505,27 @@ impl FrameHandler for Engine {
     }
 
     /// TCP data keeps its tail in guest memory, to be sent from there; anything else is
-    /// copied together (the services and the other translations parse whole frames).
+    /// copied together (the services and the other translations parse whole frames), into
+    /// an arena that lasts as long as the batch: UDP sends its datagrams from there at
+    /// [`FrameHandler::end_batch`].
     fn handle_split_frame(&mut self, head: &[u8], tail: Tail<'_>, to_guest: &mut dyn ToGuest) {
         if self.split_tcp(head, tail, to_guest) {
             return;
         }
+        let len = head.len() + tail.len;
+        if len > self.linear.len() {
+            return self.malformed("oversized");
+        }
+        if self.linear.len() - self.linear_used < len {
+            // The arena is full: the batch ends early (its frames are still in place).
+            self.end_batch(to_guest);
+        }
+        let at = self.linear_used;
         let mut linear = std::mem::take(&mut self.linear);
-        let n = head.len().min(linear.len());
-        linear[..n].copy_from_slice(&head[..n]);
-        let n = n + tail.copy_to(&mut linear[n..]);
-        self.handle_frame(&linear[..n], to_guest);
+        linear[at..at + head.len()].copy_from_slice(head);
+        let n = head.len() + tail.copy_to(&mut linear[at + head.len()..at + len]);
+        self.linear_used = at + n.next_multiple_of(8);
+        self.handle_frame(&linear[at..at + n], to_guest);
         self.linear = linear;
     }
 
@@ -517,6 +534,11 @@ impl FrameHandler for Engine {
         if let Some(tcp) = self.tcp.as_mut() {
             tcp.end_batch(self.now, macs, to_guest);
         }
+        // UDP sends the batch's datagrams, each flow's with one `sendmmsg`.
+        if let Some(udp) = self.udp.as_mut() {
+            udp.end_batch(self.now);
+        }
+        self.linear_used = 0;
     }
 }
 

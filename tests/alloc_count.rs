@@ -14,6 +14,11 @@
 //! only. A TCP echo through a server on the host's loopback (the gateway address, mapped)
 //! carries data both ways.
 //!
+//! UDP: batches of datagrams to an echo server on the host's loopback (the gateway address,
+//! mapped), through the stream socket and through the vhost-user device: guest frames sent
+//! with `sendmmsg` at the end of each frame batch, echoes received with `recvmmsg` into
+//! frames.
+//!
 //! ICMP needs ping sockets and a loopback to ping, so the measurement runs in a child process
 //! inside `unshare -Urn` (a fresh user and network namespace: nothing leaves it).
 
@@ -29,6 +34,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::frames::{parse_udp, udp_frame};
 use common::tcp_guest::{self, FrameLink};
 use common::vring::{pollfd, Guest, Ring, RingLink, Vmm, ALL};
 use passt::conf::{Ip4, NetConfig};
@@ -37,6 +43,7 @@ use passt::event::{EpollRegistrar, Token};
 use passt::fwd::Nat;
 use passt::tap::stream::StreamTap;
 use passt::tcp::TcpConfig;
+use passt::udp::UdpConfig;
 use passt::vhost_user::{Device, DeviceOptions, Outcome, Source};
 use passt::virtio::QueueIdx;
 use vmm_sys_util::eventfd::EventFd;
@@ -181,13 +188,18 @@ fn net() -> NetConfig {
     }
 }
 
-/// The engine of these tests (ICMP on) and its epoll set.
+/// The engine of these tests (ICMP and UDP on) and its epoll set.
 fn engine() -> (Engine, i32) {
     // SAFETY: plain syscall.
     let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     assert!(epfd >= 0);
+    let udp = UdpConfig {
+        idle_timeout: Duration::from_secs(180),
+        nat: passt::conf::Nat::default(),
+        fwd_nat: Nat::from_net(&net()),
+    };
     (
-        Engine::new(net(), true, EpollRegistrar { epoll_fd: epfd }),
+        Engine::new(net(), true, EpollRegistrar { epoll_fd: epfd }).with_udp(udp),
         epfd,
     )
 }
@@ -219,16 +231,25 @@ impl Rig {
         let _ = self.tap.handle_readable(&mut self.engine);
     }
 
-    /// Delivers ready ping sockets, as the event loop does; returns how many were ready.
+    /// Delivers ready ping and UDP sockets, as the event loop does; returns how many were
+    /// ready.
     fn sockets(&mut self, timeout_ms: i32) -> usize {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
         // SAFETY: valid buffer.
         let n = unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), 16, timeout_ms) };
         let mut k = 0;
         for ev in &evs[..n.max(0) as usize] {
-            if let Some(Token::IcmpSock(idx)) = Token::decode(ev.u64) {
-                self.engine.icmp_sock_ready(idx, self.tap.to_guest());
-                k += 1;
+            match Token::decode(ev.u64) {
+                Some(Token::IcmpSock(idx)) => {
+                    self.engine.icmp_sock_ready(idx, self.tap.to_guest());
+                    k += 1;
+                }
+                Some(Token::UdpSock(idx)) => {
+                    let err = ev.events & libc::EPOLLERR as u32 != 0;
+                    self.engine.udp_sock_ready(idx, err, self.tap.to_guest());
+                    k += 1;
+                }
+                _ => {}
             }
         }
         self.tap.to_guest().flush();
@@ -390,9 +411,16 @@ impl FrameLink for VuRig<'_> {
             self.batch(|dev, engine| {
                 for ev in ready {
                     let (flags, data) = (ev.events, ev.u64);
-                    if let Some(Token::TcpSock(idx)) = Token::decode(data) {
-                        let flags = epoll::Events::from_bits_truncate(flags);
-                        engine.tcp_sock_ready(idx, flags, dev.to_guest());
+                    match Token::decode(data) {
+                        Some(Token::TcpSock(idx)) => {
+                            let flags = epoll::Events::from_bits_truncate(flags);
+                            engine.tcp_sock_ready(idx, flags, dev.to_guest());
+                        }
+                        Some(Token::UdpSock(idx)) => {
+                            let err = flags & libc::EPOLLERR as u32 != 0;
+                            engine.udp_sock_ready(idx, err, dev.to_guest());
+                        }
+                        _ => {}
                     }
                 }
             });
@@ -452,6 +480,125 @@ fn vhost_user_tcp_echo() -> ((u64, u64), u64, u64) {
     c.recv_until_fin(true);
     assert!(c.rx == data, "echo differs: {} bytes back", c.rx.len());
     (frames, rig.allocs, rig.bytes)
+}
+
+/// A UDP echo server on the host's loopback; its port.
+fn udp_echo_server() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = s.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut b = vec![0u8; 1 << 16];
+        while let Ok((n, from)) = s.recv_from(&mut b) {
+            let _ = s.send_to(&b[..n], from);
+        }
+    });
+    port
+}
+
+/// `BATCH` numbered datagrams of `size` bytes from the guest's port 40000 to the
+/// gateway's `port`, starting at `first`.
+fn udp_batch(port: u16, first: u64, size: usize) -> Vec<Vec<u8>> {
+    let g = std::net::SocketAddr::new("192.0.2.2".parse().expect("addr"), 40000);
+    let r = std::net::SocketAddr::new("192.0.2.1".parse().expect("addr"), port);
+    (first..first + BATCH as u64)
+        .map(|i| {
+            let mut p = i.to_be_bytes().to_vec();
+            p.resize(size, (i % 251) as u8);
+            udp_frame(g, r, &p, false)
+        })
+        .collect()
+}
+
+/// How many of `frames` are echoes (UDP from the server's `port`) numbered `first..`.
+fn udp_echoes(frames: &[Vec<u8>], port: u16, first: u64) -> usize {
+    frames
+        .iter()
+        .filter_map(|f| parse_udp(f))
+        .filter(|d| d.src.port() == port && d.payload.len() >= 8)
+        .filter(|d| {
+            let i = u64::from_be_bytes(d.payload[..8].try_into().expect("8 bytes"));
+            (first..first + BATCH as u64).contains(&i)
+        })
+        .count()
+}
+
+/// UDP echoes through the stream back-end, one frame batch of `BATCH` datagrams a round:
+/// (datagrams each way, echoes seen, allocations, bytes) over the counted rounds.
+fn stream_udp_echo(rig: &mut Rig, rounds: usize) -> (usize, usize, u64, u64) {
+    let port = udp_echo_server();
+    let (mut allocs, mut bytes, mut seen) = (0, 0, 0);
+    for round in 0..rounds + 2 {
+        let count = round >= 2;
+        let first = (round * BATCH) as u64;
+        put(&mut rig.guest, &udp_batch(port, first, 1000));
+        let (mut got, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(5));
+        let ((), a, b) = counted(|| rig.guest_frames());
+        let (mut a, mut b) = (a, b);
+        while udp_echoes(&got, port, first) < BATCH && Instant::now() < deadline {
+            let (k, x, y) = counted(|| rig.sockets(200));
+            a += x;
+            b += y;
+            if k > 0 {
+                got.extend(read_available(&mut rig.guest));
+            }
+        }
+        if count {
+            allocs += a;
+            bytes += b;
+            seen += udp_echoes(&got, port, first);
+        }
+    }
+    (rounds * BATCH, seen, allocs, bytes)
+}
+
+/// Frames the stream back-end wrote so far, without waiting for more.
+fn read_available(sock: &mut UnixStream) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    sock.set_nonblocking(true).expect("nonblocking");
+    loop {
+        let mut len = [0u8; 4];
+        if sock.read_exact(&mut len).is_err() {
+            break;
+        }
+        sock.set_nonblocking(false).expect("blocking");
+        let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
+        sock.read_exact(&mut f).expect("frame");
+        out.push(f);
+        sock.set_nonblocking(true).expect("nonblocking");
+    }
+    sock.set_nonblocking(false).expect("blocking");
+    out
+}
+
+/// UDP echoes through the vhost-user device, `BATCH` datagrams per TX kick: (datagrams
+/// each way, echoes seen, allocations, bytes) over the counted rounds.
+fn vhost_user_udp_echo(rounds: usize) -> (usize, usize, u64, u64) {
+    let port = udp_echo_server();
+    let g = Guest::new();
+    let mut rig = VuRig::new(&g);
+    let mut seen = 0;
+    for round in 0..rounds + 2 {
+        rig.count = round >= 2;
+        let first = (round * BATCH) as u64;
+        for f in udp_batch(port, first, 1000) {
+            rig.link.offer(&f);
+        }
+        rig.batch(|dev, engine| {
+            let _ = dev.handle(TX_KICK, engine);
+        });
+        let mut got = Vec::new();
+        while udp_echoes(&got, port, first) < BATCH {
+            match rig.try_recv(Duration::from_secs(5)) {
+                Some(f) => got.push(f),
+                None => break,
+            }
+        }
+        if rig.count {
+            seen += udp_echoes(&got, port, first);
+        }
+    }
+    rig.count = false;
+    (rounds * BATCH, seen, rig.allocs, rig.bytes)
 }
 
 const BATCH: usize = 32;
@@ -555,6 +702,9 @@ fn inner_allocations() {
         Some((a, b, r, (ROUNDS / 4 * BATCH) as f64))
     };
 
+    let udp_stream = stream_udp_echo(&mut rig, ROUNDS / 4);
+    let udp_vu = vhost_user_udp_echo(ROUNDS / 4);
+
     let ((vu_up, vu_down), vu_allocs, vu_bytes) = vhost_user_tcp_echo();
     let vu_frames = vu_up + vu_down;
 
@@ -572,6 +722,17 @@ fn inner_allocations() {
             "too few echo replies: {r} of {sent}"
         );
         assert_eq!(a, 0, "allocations on the ICMP echo path in steady state");
+    }
+    for (what, (sent, seen, a, b)) in [("stream", udp_stream), ("vhost-user", udp_vu)] {
+        println!(
+            "ALLOC {what} udp-echo: {sent} datagrams each way, {seen} echoes, {a} allocations ({b} bytes): {:.3} per datagram",
+            a as f64 / sent as f64
+        );
+        assert!(
+            seen as f64 >= sent as f64 * 0.9,
+            "{what}: too few UDP echoes: {seen} of {sent}"
+        );
+        assert_eq!(a, 0, "allocations on the {what} UDP path in steady state");
     }
     println!(
         "ALLOC vhost-user tcp-echo: {vu_up}+{vu_down} frames from+to the guest, {vu_allocs} allocations ({vu_bytes} bytes): {:.3} per frame",

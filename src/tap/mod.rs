@@ -65,6 +65,37 @@ pub trait ToGuest {
         }
     }
 
+    /// Builds up to `count` frames in place, their payloads written by one call of the
+    /// writer: [`ToGuest::send_with`] for several messages at once (`recvmmsg`).
+    ///
+    /// Each frame has `hdr_len` bytes of headers (at most [`MAX_HDR`]) and a payload of up
+    /// to `max_payload` bytes. The back-end reserves room for `count` frames with about
+    /// `size` bytes of payload each (the first at least `size`; fewer frames if it runs short
+    /// of room, at least one), and calls [`BatchWriter::payloads`] with all the rooms. A
+    /// payload may turn out longer than its room, up to the writer's private overflow: the
+    /// back-end then copies the rest ([`BatchWriter::overflow`]) into more room of its own,
+    /// or drops the frame if it has none. Payloads longer than `max_payload` are dropped
+    /// (the writer knows which, from their lengths). Then the back-end calls
+    /// [`BatchWriter::header`] for each frame it keeps, and queues the frames, in message
+    /// order, for the next [`ToGuest::flush`]. Room not used is given back.
+    ///
+    /// With no room for even one frame nothing is called and [`SendBatch::NoRoom`] is
+    /// returned, as for [`ToGuest::send_with`].
+    ///
+    /// The default builds one frame per call with [`ToGuest::send_with`], with exactly
+    /// `size` bytes of room: the per-message path, for back-ends with no batch of their own.
+    fn send_batch(
+        &mut self,
+        hdr_len: usize,
+        size: usize,
+        max_payload: usize,
+        count: usize,
+        w: &mut dyn BatchWriter,
+    ) -> SendBatch {
+        let _ = count;
+        send_batch_one(self, hdr_len, size, max_payload, w)
+    }
+
     /// Whether room came back since a [`ToGuest::send_with`] was refused with
     /// [`SendWith::NoRoom`] (the guest added RX buffers, the socket drained). Clears the
     /// condition: callers retry what they held back, once.
@@ -87,6 +118,90 @@ pub trait FrameWriter {
     fn header(&mut self, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool;
 }
 
+/// Fills the frames reserved by [`ToGuest::send_batch`]: one message (datagram) each.
+pub trait BatchWriter {
+    /// Writes up to `ends.len()` messages with one system call. Message `i`'s room is
+    /// `room[ends[i - 1]..ends[i]]` (`ends[-1]` being 0), raw iovecs as for
+    /// [`FrameWriter::payload`]; the writer adds private room of its own after it, for
+    /// messages longer than their room. Sets `lens[i]` to message `i`'s full length, which
+    /// may exceed its room (the rest is at [`Self::overflow`]) and even what the writer
+    /// could hold (the message was truncated: the back-end drops it, as it is longer than
+    /// any `max_payload`). Returns how many messages were written; 0 gives all the room
+    /// back untouched.
+    fn payloads(&mut self, room: &[libc::iovec], ends: &[usize], lens: &mut [usize]) -> usize;
+
+    /// The bytes of message `i` beyond its room, from the writer's private room: at most
+    /// `lens[i]` minus the room's length.
+    fn overflow(&self, i: usize) -> &[u8];
+
+    /// As [`FrameWriter::header`], for message `i`: headers for `len` bytes of payload
+    /// summing to `payload_sum`. `false` drops the frame.
+    fn header(&mut self, i: usize, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool;
+}
+
+/// Outcome of [`ToGuest::send_batch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum SendBatch {
+    /// The writer wrote `received` messages, `queued` of them went out as frames. The
+    /// others were longer than `max_payload` (the writer tells which from their lengths)
+    /// or lost in the back-end (which counts them).
+    Sent { received: usize, queued: usize },
+    /// No room for a frame: nothing was called.
+    NoRoom,
+    /// The writer wrote nothing ([`BatchWriter::payloads`] returned 0).
+    Abandoned,
+    /// Nothing could be reserved (bad arguments, a broken ring); nothing was called.
+    /// Counted by the back-end.
+    Dropped,
+}
+
+/// [`ToGuest::send_batch`] for one message, through [`ToGuest::send_with`]: the default,
+/// and the fallback of back-ends whose batch path doesn't apply.
+pub fn send_batch_one<T: ToGuest + ?Sized>(
+    to: &mut T,
+    hdr_len: usize,
+    size: usize,
+    max_payload: usize,
+    w: &mut dyn BatchWriter,
+) -> SendBatch {
+    /// One message of a batch writer as a frame writer.
+    struct One<'a> {
+        w: &'a mut dyn BatchWriter,
+        received: bool,
+    }
+    impl FrameWriter for One<'_> {
+        fn payload(&mut self, room: &[libc::iovec]) -> Option<usize> {
+            let mut len = [0usize];
+            if self.w.payloads(room, &[room.len()], &mut len) == 0 {
+                return None;
+            }
+            self.received = true;
+            let cap: usize = room.iter().map(|v| v.iov_len).sum();
+            // A longer message than the room reserved (by its size) can't be placed here.
+            (len[0] <= cap).then_some(len[0])
+        }
+        fn header(&mut self, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool {
+            self.w.header(0, hdr, len, payload_sum)
+        }
+    }
+    let room = size.min(max_payload);
+    let mut one = One { w, received: false };
+    match to.send_with(hdr_len, room, room, &mut one) {
+        SendWith::Sent(_) => SendBatch::Sent {
+            received: 1,
+            queued: 1,
+        },
+        SendWith::NoRoom => SendBatch::NoRoom,
+        SendWith::Abandoned | SendWith::Dropped if one.received => SendBatch::Sent {
+            received: 1,
+            queued: 0,
+        },
+        SendWith::Abandoned => SendBatch::Abandoned,
+        SendWith::Dropped => SendBatch::Dropped,
+    }
+}
+
 /// Outcome of [`ToGuest::send_with`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
@@ -105,6 +220,8 @@ pub enum SendWith {
 
 /// Largest header [`ToGuest::send_with`] takes: Ethernet, IPv6, TCP with options.
 pub const MAX_HDR: usize = 128;
+/// Most frames one [`ToGuest::send_batch`] builds.
+pub const MAX_BATCH: usize = 32;
 
 /// Payload room for a frame: `max_payload`, cut to what fits [`MAX_FRAME`]; `None` if that
 /// is below `min_payload` or the header is too long.
@@ -220,5 +337,118 @@ impl ToGuest for Discard {
     /// No room: data stays in the sockets until a guest attaches.
     fn send_with(&mut self, _: usize, _: usize, _: usize, _: &mut dyn FrameWriter) -> SendWith {
         SendWith::NoRoom
+    }
+}
+
+/// Test helpers shared by the back-ends' tests.
+#[cfg(test)]
+pub mod testutil {
+    use super::BatchWriter;
+    use crate::wire::PartialSum;
+
+    /// What a frame built with [`FakeBatch`] for message `i` looks like: its index (4
+    /// bytes) and `0xee`s as `hdr_len` bytes of headers, the payload, zero padding to the
+    /// Ethernet minimum.
+    pub fn batch_frame(i: usize, hdr_len: usize, payload: &[u8]) -> Vec<u8> {
+        let mut f = (i as u32).to_be_bytes().to_vec();
+        f.resize(hdr_len, 0xee);
+        f.extend_from_slice(payload);
+        if f.len() < super::ETH_MIN_FRAME {
+            f.resize(super::ETH_MIN_FRAME, 0);
+        }
+        f
+    }
+
+    /// A xorshift generator for randomised tests: reproducible, no dependency.
+    pub struct XorShift(pub u32);
+
+    impl XorShift {
+        /// A number below `n`.
+        pub fn below(&mut self, n: u32) -> u32 {
+            let x = &mut self.0;
+            *x ^= *x << 13;
+            *x ^= *x >> 17;
+            *x ^= *x << 5;
+            *x % n
+        }
+    }
+
+    /// "Receives" the given messages into the back-end's room as `recvmmsg` would (room
+    /// first, the rest into an overflow of `ovf_cap` bytes, full lengths reported), and
+    /// writes as headers the message's index (as 4 bytes) then `0xee`s. Records what it
+    /// was offered and the lengths and sums the back-end reported.
+    pub struct FakeBatch {
+        pub msgs: Vec<Vec<u8>>,
+        pub ovf_cap: usize,
+        /// Room offered per message (received or not).
+        pub rooms: Vec<usize>,
+        pub ovf: Vec<Vec<u8>>,
+        /// (index, len, sum) of each header call.
+        pub headers: Vec<(usize, usize, u16)>,
+        /// Header calls refused, by message index.
+        pub refuse: Vec<usize>,
+    }
+
+    impl FakeBatch {
+        pub fn new(msgs: Vec<Vec<u8>>) -> Self {
+            FakeBatch {
+                msgs,
+                ovf_cap: 70000,
+                rooms: Vec::new(),
+                ovf: Vec::new(),
+                headers: Vec::new(),
+                refuse: Vec::new(),
+            }
+        }
+
+        /// Whether every header call had the right length and payload sum.
+        pub fn sums_right(&self) -> bool {
+            self.headers.iter().all(|&(i, len, sum)| {
+                len == self.msgs[i].len() && sum == PartialSum::of(&self.msgs[i]).value()
+            })
+        }
+    }
+
+    impl BatchWriter for FakeBatch {
+        fn payloads(&mut self, room: &[libc::iovec], ends: &[usize], lens: &mut [usize]) -> usize {
+            let n = ends.len().min(self.msgs.len()).min(lens.len());
+            self.rooms.clear();
+            self.ovf.clear();
+            let mut prev = 0;
+            for &end in ends {
+                self.rooms
+                    .push(room[prev..end].iter().map(|v| v.iov_len).sum());
+                prev = end;
+            }
+            let mut prev = 0;
+            for i in 0..n {
+                let m = &self.msgs[i];
+                let mut done = 0;
+                for v in &room[prev..ends[i]] {
+                    let k = v.iov_len.min(m.len() - done);
+                    // SAFETY: test memory, lent for writing, `k` within the iovec.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(m[done..].as_ptr(), v.iov_base.cast(), k)
+                    };
+                    done += k;
+                }
+                let rest = &m[done..];
+                self.ovf.push(rest[..rest.len().min(self.ovf_cap)].to_vec());
+                lens[i] = m.len();
+                prev = ends[i];
+            }
+            n
+        }
+
+        fn overflow(&self, i: usize) -> &[u8] {
+            self.ovf.get(i).map_or(&[], |v| &v[..])
+        }
+
+        fn header(&mut self, i: usize, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool {
+            self.headers.push((i, len, payload_sum));
+            hdr.fill(0xee);
+            hdr[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            !self.refuse.contains(&i)
+        }
     }
 }

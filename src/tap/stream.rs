@@ -17,7 +17,10 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
-use super::{FrameHandler, FrameWriter, SendWith, ToGuest, ETH_MIN_FRAME, MAX_HDR};
+use super::{
+    BatchWriter, FrameHandler, FrameWriter, SendBatch, SendWith, ToGuest, ETH_MIN_FRAME, MAX_BATCH,
+    MAX_HDR,
+};
 use crate::wire::PartialSum;
 
 /// Ethernet header length: the shortest frame we accept from the guest.
@@ -60,6 +63,30 @@ struct Writer {
     broken: bool,
     /// An in-place frame was refused for lack of room: report room once it is back.
     starved: bool,
+    /// A batch being built ([`ToGuest::send_batch`]).
+    batch: Box<Batch>,
+}
+
+/// Per-frame state of one [`ToGuest::send_batch`], allocated once.
+struct Batch {
+    iov: Vec<libc::iovec>,
+    ends: Vec<usize>,
+    lens: [usize; MAX_BATCH],
+    /// Where each frame kept goes (its length field), `None` for frames dropped.
+    offs: [Option<usize>; MAX_BATCH],
+    hdrs: Box<[[u8; MAX_HDR]]>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            iov: Vec::with_capacity(MAX_BATCH),
+            ends: Vec::with_capacity(MAX_BATCH),
+            lens: [0; MAX_BATCH],
+            offs: [None; MAX_BATCH],
+            hdrs: vec![[0u8; MAX_HDR]; MAX_BATCH].into_boxed_slice(),
+        }
+    }
 }
 
 impl Writer {
@@ -185,6 +212,107 @@ impl ToGuest for Writer {
         SendWith::Sent(len)
     }
 
+    /// Slots in the output buffer, one per message, each sized for `size` bytes of payload:
+    /// uniform datagrams land exactly where they are sent from. A datagram of another size
+    /// shifts the frames after it (one move each, see [`place`]); the part of a longer one
+    /// beyond its slot is copied from the writer's overflow.
+    fn send_batch(
+        &mut self,
+        hdr_len: usize,
+        size: usize,
+        max_payload: usize,
+        count: usize,
+        w: &mut dyn BatchWriter,
+    ) -> SendBatch {
+        // What the protocol's length field can carry.
+        let max_payload = max_payload.min(MAX_GUEST_FRAME.saturating_sub(hdr_len));
+        let size = size.min(max_payload);
+        if super::payload_room(hdr_len, size, size).is_none() {
+            self.stats.dropped_to_guest += 1;
+            return SendBatch::Dropped;
+        }
+        // A slot: length field, headers, payload room (at least the padding of a short
+        // frame).
+        let room = size.max(ETH_MIN_FRAME.saturating_sub(hdr_len));
+        let slot = LEN_BYTES + hdr_len + room;
+        if !self.make_room(slot) {
+            self.starved = true;
+            return SendBatch::NoRoom;
+        }
+        let n = count
+            .clamp(1, MAX_BATCH)
+            .min((self.buf.len() - self.end) / slot);
+        let b = &mut self.batch;
+        b.iov.clear();
+        b.ends.clear();
+        for i in 0..n {
+            let at = self.end + i * slot + LEN_BYTES + hdr_len;
+            b.iov.push(libc::iovec {
+                iov_base: self.buf[at..].as_mut_ptr().cast(),
+                iov_len: room,
+            });
+            b.ends.push(i + 1);
+        }
+        let got = w.payloads(&b.iov, &b.ends, &mut b.lens[..n]).min(n);
+        if got == 0 {
+            return SendBatch::Abandoned;
+        }
+        // Which frames stay, and their headers, summed where the payloads are now.
+        let payload_at = |i: usize| self.end + i * slot + LEN_BYTES + hdr_len;
+        let mut end = self.end;
+        for i in 0..got {
+            b.offs[i] = None;
+            let len = b.lens[i];
+            if len > max_payload {
+                // Too big: the writer knows from the length.
+                continue;
+            }
+            let in_place = len.min(room);
+            let tail = w.overflow(i);
+            let at = payload_at(i);
+            let mut sum = PartialSum::of(&self.buf[at..at + in_place]);
+            sum.add(tail);
+            let frame = LEN_BYTES + (hdr_len + len).max(ETH_MIN_FRAME);
+            if tail.len() != len - in_place
+                || end + frame > self.buf.len()
+                || !w.header(i, &mut b.hdrs[i][..hdr_len], len, sum.value())
+            {
+                self.stats.dropped_to_guest += 1;
+                continue;
+            }
+            b.offs[i] = Some(end);
+            end += frame;
+        }
+        let moves = (0..got).map(|i| {
+            let dst = b.offs[i].map(|o| o + LEN_BYTES + hdr_len);
+            (payload_at(i), dst, b.lens[i].min(room))
+        });
+        place(&mut self.buf, moves);
+        let mut queued = 0;
+        for i in 0..got {
+            let Some(at) = b.offs[i] else {
+                continue;
+            };
+            let len = b.lens[i];
+            let frame = hdr_len + len;
+            let padded = frame.max(ETH_MIN_FRAME);
+            let f = &mut self.buf[at..at + LEN_BYTES + padded];
+            f[..LEN_BYTES].copy_from_slice(&(padded as u32).to_be_bytes());
+            f[LEN_BYTES..LEN_BYTES + hdr_len].copy_from_slice(&b.hdrs[i][..hdr_len]);
+            let tail_at = LEN_BYTES + hdr_len + len.min(room);
+            f[tail_at..LEN_BYTES + frame].copy_from_slice(w.overflow(i));
+            f[LEN_BYTES + frame..].fill(0);
+            self.stats.frames_to_guest += 1;
+            self.stats.bytes_to_guest += frame as u64;
+            queued += 1;
+        }
+        self.end = end;
+        SendBatch::Sent {
+            received: got,
+            queued,
+        }
+    }
+
     /// Room is back once a maximum frame fits again.
     fn room_returned(&mut self) -> bool {
         if self.starved && !self.broken && self.room() >= LEN_BYTES + MAX_GUEST_FRAME {
@@ -192,6 +320,28 @@ impl ToGuest for Writer {
             return true;
         }
         false
+    }
+}
+
+/// Moves payloads within `buf`: `(from, to, len)` in the order of their slots, `to`
+/// increasing too (frames keep their order), `None` for payloads dropped. As in `memmove`,
+/// nothing may be overwritten before it has moved: payloads moving towards the end go
+/// first, last one first (each lands beyond the slots of those before it, and before the
+/// destinations, hence the sources, of those after it that move back), then those moving
+/// towards the start, first one first.
+fn place(
+    buf: &mut [u8],
+    moves: impl DoubleEndedIterator<Item = (usize, Option<usize>, usize)> + Clone,
+) {
+    for (from, to, len) in moves.clone().rev() {
+        if let Some(to) = to.filter(|&to| to > from) {
+            buf.copy_within(from..from + len, to);
+        }
+    }
+    for (from, to, len) in moves {
+        if let Some(to) = to.filter(|&to| to < from) {
+            buf.copy_within(from..from + len, to);
+        }
     }
 }
 
@@ -217,6 +367,7 @@ impl StreamTap {
                 stats: StreamStats::default(),
                 broken: false,
                 starved: false,
+                batch: Box::new(Batch::new()),
             },
         })
     }
@@ -462,5 +613,160 @@ mod tests {
             std::thread::yield_now();
         }
         assert_eq!(reader.join().unwrap(), sent);
+    }
+
+    use super::super::testutil::{batch_frame, FakeBatch, XorShift};
+
+    const HDR: usize = 42;
+
+    fn payload(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Sends `msgs` as one batch with slots for `size` bytes; returns the outcome and the
+    /// frames as the guest reads them.
+    fn batch(
+        msgs: &[Vec<u8>],
+        size: usize,
+        max: usize,
+        w: &mut FakeBatch,
+    ) -> (SendBatch, Vec<Vec<u8>>) {
+        let (ours, mut qemu) = UnixStream::pair().unwrap();
+        let mut tap = StreamTap::new(ours).unwrap();
+        w.msgs = msgs.to_vec();
+        let r = tap.to_guest().send_batch(HDR, size, max, msgs.len(), w);
+        tap.to_guest().flush();
+        assert!(!tap.wants_write());
+        drop(tap);
+        let mut frames = Vec::new();
+        let mut all = Vec::new();
+        qemu.read_to_end(&mut all).unwrap();
+        let mut s = &all[..];
+        while !s.is_empty() {
+            let len = u32::from_be_bytes(s[..4].try_into().unwrap()) as usize;
+            frames.push(s[4..4 + len].to_vec());
+            s = &s[4 + len..];
+        }
+        (r, frames)
+    }
+
+    #[test]
+    fn batch_of_uniform_datagrams() {
+        let msgs: Vec<Vec<u8>> = (0..5).map(|i| payload(100, i)).collect();
+        let mut w = FakeBatch::new(vec![]);
+        let (r, frames) = batch(&msgs, 100, 1000, &mut w);
+        assert_eq!(
+            r,
+            SendBatch::Sent {
+                received: 5,
+                queued: 5
+            }
+        );
+        assert_eq!(w.rooms, vec![100; 5], "one slot of the predicted size each");
+        assert!(w.ovf.iter().all(|o| o.is_empty()));
+        let want: Vec<_> = msgs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| batch_frame(i, HDR, m))
+            .collect();
+        assert_eq!(frames, want);
+        assert!(w.sums_right());
+    }
+
+    /// Shorter, longer, empty, too big and refused datagrams in one batch: the frames kept
+    /// arrive whole and in order.
+    #[test]
+    fn batch_of_mixed_sizes_keeps_order_and_contents() {
+        let sizes = [100, 30, 300, 0, 100, 5000, 10, 4000, 7];
+        let msgs: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| payload(n, i as u8))
+            .collect();
+        let mut w = FakeBatch::new(vec![]);
+        w.refuse = vec![6];
+        let (r, frames) = batch(&msgs, 100, 4000, &mut w);
+        assert_eq!(
+            r,
+            SendBatch::Sent {
+                received: 9,
+                queued: 7
+            }
+        );
+        let want: Vec<_> = msgs
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != 5 && i != 6)
+            .map(|(i, m)| batch_frame(i, HDR, m))
+            .collect();
+        assert_eq!(frames, want);
+        assert!(w.sums_right());
+    }
+
+    /// Random sizes around the slot size: whatever moves where, every frame arrives intact.
+    #[test]
+    fn batch_layout_survives_random_sizes() {
+        let mut x = XorShift(0x2545_f491);
+        let mut rnd = |n: u32| x.below(n);
+        for round in 0..300 {
+            let size = rnd(3000) as usize;
+            let n = 1 + rnd(MAX_BATCH as u32) as usize;
+            let msgs: Vec<Vec<u8>> = (0..n)
+                .map(|i| {
+                    let len = match rnd(4) {
+                        0 => size,
+                        1 => rnd(size as u32 + 1) as usize,
+                        _ => rnd(6000) as usize,
+                    };
+                    payload(len, (round + i) as u8)
+                })
+                .collect();
+            let mut w = FakeBatch::new(vec![]);
+            let (r, frames) = batch(&msgs, size, 5000, &mut w);
+            let want: Vec<_> = msgs
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.len() <= 5000)
+                .map(|(i, m)| batch_frame(i, HDR, m))
+                .collect();
+            assert_eq!(
+                r,
+                SendBatch::Sent {
+                    received: n,
+                    queued: want.len()
+                },
+                "round {round}"
+            );
+            assert!(
+                frames == want,
+                "round {round}: sizes {:?}",
+                msgs.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+            assert!(w.sums_right());
+        }
+    }
+
+    #[test]
+    fn batch_without_room_starves_then_room_returns() {
+        let (ours, mut qemu) = UnixStream::pair().unwrap();
+        let mut tap = StreamTap::new(ours).unwrap();
+        let frame = vec![7u8; 65535];
+        while tap.to_guest().send(&[&frame]) {}
+        let mut w = FakeBatch::new(vec![payload(60000, 1)]);
+        assert_eq!(
+            tap.to_guest().send_batch(HDR, 60000, 65000, 4, &mut w),
+            SendBatch::NoRoom
+        );
+        assert!(w.rooms.is_empty(), "writer not called");
+        assert!(!tap.to_guest().room_returned());
+        qemu.set_nonblocking(true).unwrap();
+        let mut sink = vec![0u8; 1 << 20];
+        while tap.wants_write() {
+            while qemu.read(&mut sink).is_ok() {}
+            tap.handle_writable();
+        }
+        assert!(tap.to_guest().room_returned());
     }
 }

@@ -17,7 +17,7 @@
 //!    connection makes the kernel deliver only that peer's datagrams to it, so the socket's
 //!    epoll token names the flow: no lookup on the way back.
 //! 3. Every datagram of the flow is sent on that socket as the guest wrote it: payload only,
-//!    the kernel writes the headers.
+//!    the kernel writes the headers, from where the payload is in the guest's frame.
 //!
 //! Forwarded ports (`-u`, as upstream passt: the `-t` ports when no `-u` is given): a
 //! datagram arriving on a forwarded port's bound socket from host client C opens (or finds)
@@ -45,13 +45,59 @@
 //! flow idle for the configured timeout ([`DEFAULT_IDLE_TIMEOUT`] unless `--udp-timeout`)
 //! is closed by [`Udp::expire`]. Datagrams towards the guest larger than what fits
 //! [`crate::tap::MAX_FRAME`] (65507 bytes of payload over IPv4, 65487 over IPv6) are
-//! dropped and counted. The receive buffers serve every flow: nothing is allocated per
-//! datagram. Host datagrams of a flow are received one `recvmsg` each straight into the
-//! frame the guest back-end lends (guest memory in vhost-user mode), at most
-//! `RECV_BUDGET` per readiness event. A forwarded port's first datagram from a client is
-//! read through our buffer (its source picks the flow); the client's later ones arrive on
-//! the flow's connected socket. Not yet: `sendmmsg` towards the host (datagrams go out one
-//! `send` each).
+//! dropped and counted. Buffers are allocated with the table: nothing per datagram.
+//!
+//! # Batches
+//! Towards the host (`udp/send.rs`): a guest datagram is checked and its flow found or
+//! opened as its frame is handled, but not sent then: its payload is queued where it is
+//! (in the guest's TX buffer, or the stream back-end's read buffer: frames stay in place
+//! until their batch ends, [`crate::tap::FrameHandler::end_batch`]), and the queue goes out
+//! at [`Udp::end_batch`], grouped by socket, each flow's run with one `sendmmsg`.
+//!
+//! Towards the guest (`udp/recv.rs`), for a readable flow socket, repeatedly (at most
+//! `RECV_BUDGET` datagrams per readiness event, so a busy flow can't starve the others):
+//! 1. Peek at the length of the first datagram queued (`MSG_PEEK | MSG_TRUNC`; not
+//!    `FIONREAD`, whose 0 means both "empty" and "a zero-length datagram").
+//! 2. Ask the guest back-end for room for up to `RECV_BATCH` frames of that size
+//!    ([`ToGuest::send_batch`]): guest RX buffers in vhost-user mode, slots of the output
+//!    buffer in stream mode. Flows tend to send datagrams of one size (bulk transfers,
+//!    media), so the prediction usually holds for the whole batch.
+//! 3. Receive into that room with one `recvmmsg`, each message's room followed by private
+//!    overflow room of its own; write the headers around each payload from the flow's key.
+//!    The payload lands where the frame goes to the guest: one copy, the kernel's. A
+//!    datagram longer than predicted has its tail copied from the overflow; the back-end
+//!    absorbs one shorter than predicted (vhost-user: its spare buffers ride along as
+//!    trailing Ethernet padding, one byte each; stream: the frames after it move to close
+//!    the gap, a copy each).
+//!
+//! A forwarded port's datagrams are received in batches too, with their sources, into the
+//! overflow room (each may belong to another flow, so no frame can be prepared for it), and
+//! copied into frames from there; a client's later datagrams arrive on its flow's socket.
+//!
+//! Upstream passt (`udp_vu.c`) reads in vhost-user mode one datagram per `recvmsg`, into
+//! guest buffers collected for the largest datagram and rewound after. We batch there too,
+//! which needs the frames laid out after the receive (step 3), and size the room by a peek
+//! rather than for the largest datagram, so a batch doesn't take 64 KiB of guest buffers per
+//! message. In its other modes upstream receives batches into buffers of its own and
+//! copies the frames out; we receive into the stream back-end's output buffer directly.
+//!
+//! # No room towards the guest: the bounded queue
+//! If the back-end has no room (the guest posted no RX buffers, or the stream socket is
+//! backed up), the flow stops reading: its socket leaves the epoll read set, and its
+//! datagrams wait in the kernel's socket receive buffer. That buffer is our bounded queue
+//! for datagrams waiting for the guest: it holds `SO_RCVBUF` bytes, costs us nothing, and
+//! what it can't hold the kernel drops and counts; the running count comes with the
+//! datagrams queued after the drops (`SO_RXQ_OVFL`, read from the first datagram of each
+//! batch) and goes to [`UdpStats::sock_drops`]. The back-end asks
+//! the guest for a kick on its next RX buffer (refusals are counted as
+//! [`crate::virtio::rx::RxStats::no_room`]); when room comes back
+//! ([`ToGuest::room_returned`]), [`Udp::room_returned`] puts the flows back in the read
+//! set and the datagrams waiting go out in order. Reading them into a queue of our own
+//! instead would cost a copy each and a second bound.
+//!
+//! Counters: [`UdpStats`]: `to_guest`, `too_big`, `guest_drops` (lost in the back-end),
+//! `sock_drops` (lost in the kernel while waiting), `dropped` (guest datagrams the host
+//! refused, `sendmmsg` errors included).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -59,7 +105,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrStorage,
+    self, sockopt, AddressFamily, SockFlag, SockProtocol, SockType, SockaddrStorage,
 };
 use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
@@ -67,8 +113,12 @@ use crate::conf::{Config, Nat};
 use crate::event::{Register, Token};
 use crate::flow::{FlowIdx, FlowKey, FlowTable};
 use crate::logger::Limiter;
-use crate::tap::{FrameWriter, SendWith, ToGuest, MAX_FRAME};
+use crate::tap::{SendBatch, ToGuest, MAX_FRAME};
 use crate::wire;
+use recv::RECV_BATCH;
+
+mod recv;
+mod send;
 
 pub const MAX_FLOWS: usize = 4096;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -140,6 +190,8 @@ struct Flow {
     muted: bool,
     /// Last `SO_RXQ_OVFL` count seen.
     ovfl: u32,
+    /// Datagrams to ask the back-end room for in the next batch (see [`next_ask`]).
+    ask: u8,
 }
 
 /// Counters of the UDP translation.
@@ -185,6 +237,10 @@ pub struct Udp {
     buf: Box<[u8]>,
     /// Control messages of the error queue (`u64` for `cmsghdr` alignment).
     cmsg: Box<[u64]>,
+    /// Guest datagrams waiting for the end of the frame batch.
+    send: send::SendQueue,
+    /// Buffers of the batches received towards the guest.
+    rbufs: recv::RecvBufs,
 }
 
 impl Udp {
@@ -200,6 +256,8 @@ impl Udp {
             // One more byte than the largest payload: a longer datagram shows as such.
             buf: vec![0u8; PAYLOAD_AT + MAX_PAYLOAD_V4 + 1].into_boxed_slice(),
             cmsg: vec![0u64; 64].into_boxed_slice(),
+            send: send::SendQueue::new(),
+            rbufs: recv::RecvBufs::new(),
         }
     }
 
@@ -211,8 +269,14 @@ impl Udp {
         self.flows.len()
     }
 
-    /// A guest UDP datagram in an IPv4 packet (`ip` starts at the IP header).
-    pub fn from_guest_v4(&mut self, ip: &[u8], now: Instant, reg: &mut dyn Register) {
+    /// A guest UDP datagram in an IPv4 packet (`ip` starts at the IP header). It is sent
+    /// by the next [`Udp::end_batch`].
+    ///
+    /// # Safety
+    /// `ip`'s bytes must stay allocated until the next [`Udp::end_batch`] (or
+    /// [`Udp::expire`]) returns: the datagram is sent from where it is. The guest may still
+    /// change them meanwhile (they are never read through a reference after this returns).
+    pub unsafe fn from_guest_v4(&mut self, ip: &[u8], now: Instant, reg: &mut dyn Register) {
         let Ok(pkt) = Ipv4Packet::new_checked(ip) else {
             self.stats.malformed += 1;
             return;
@@ -222,20 +286,29 @@ impl Udp {
             return;
         }
         let (src, dst) = (IpAddr::V4(pkt.src_addr()), IpAddr::V4(pkt.dst_addr()));
-        self.datagram(src, dst, pkt.payload(), now, reg);
+        // SAFETY: the payload is part of `ip`, under our caller's contract.
+        unsafe { self.datagram(src, dst, pkt.payload(), now, reg) };
     }
 
     /// A guest UDP datagram in an IPv6 packet (UDP right after the fixed header).
-    pub fn from_guest_v6(&mut self, ip: &[u8], now: Instant, reg: &mut dyn Register) {
+    ///
+    /// # Safety
+    /// As for [`Udp::from_guest_v4`].
+    pub unsafe fn from_guest_v6(&mut self, ip: &[u8], now: Instant, reg: &mut dyn Register) {
         let Ok(pkt) = Ipv6Packet::new_checked(ip) else {
             self.stats.malformed += 1;
             return;
         };
         let (src, dst) = (IpAddr::V6(pkt.src_addr()), IpAddr::V6(pkt.dst_addr()));
-        self.datagram(src, dst, pkt.payload(), now, reg);
+        // SAFETY: the payload is part of `ip`, under our caller's contract.
+        unsafe { self.datagram(src, dst, pkt.payload(), now, reg) };
     }
 
-    fn datagram(
+    /// Checks a guest datagram, finds or opens its flow and queues its payload.
+    ///
+    /// # Safety
+    /// `l4`'s bytes stay allocated until the queue is flushed ([`Udp::end_batch`]).
+    unsafe fn datagram(
         &mut self,
         src: IpAddr,
         dst: IpAddr,
@@ -282,20 +355,26 @@ impl Udp {
         };
         flow.last_used = now;
         let fd = flow.sock.as_raw_fd();
-        // A refusal pending from an earlier datagram is reported (and cleared) by this
-        // send: it was relayed from the error queue already, so this one is sent again.
-        let mut sent = send(fd, payload);
-        if sent == Err(Errno::ECONNREFUSED) {
-            sent = send(fd, payload);
+        if self.send.is_full() {
+            self.end_batch(now);
         }
-        if let Err(e) = sent {
-            self.stats.dropped += 1;
+        // SAFETY: our caller's contract keeps the payload allocated until `end_batch`.
+        let queued = unsafe { self.send.push(fd, idx, payload) };
+        debug_assert!(queued, "flushed when full");
+    }
+
+    /// The frame batch ended: sends the guest datagrams queued since the last one, each
+    /// flow's run with one `sendmmsg`.
+    pub fn end_batch(&mut self, now: Instant) {
+        let f = self.send.flush();
+        self.stats.dropped += f.dropped;
+        if let Some((idx, e)) = f.error {
+            let remote = self.flows.get(idx).map(|f| f.key.remote);
             crate::limited!(
                 self.log_limit,
                 now,
                 debug,
-                "udp: send to {} failed: {e}",
-                key.remote
+                "udp: send to {remote:?} failed: {e}"
             );
         }
     }
@@ -390,6 +469,7 @@ impl Udp {
             last_used: now,
             muted: false,
             ovfl: 0,
+            ask: 1,
         };
         let idx = self.flows.insert(key.flow_key(), flow).ok()?;
         if let Err(e) = reg.add(fd, epoll::Events::EPOLLIN, Token::UdpSock(idx)) {
@@ -436,7 +516,9 @@ impl Udp {
     }
 
     /// Datagrams arrived on forwarded port `i`: each goes to the guest through the flow of
-    /// its client, opened on the first one.
+    /// its client, opened on the first one. They are received in batches, with their
+    /// sources, into our own buffers (each may belong to another flow, so no frame can be
+    /// prepared for it), and copied into frames from there.
     pub fn listener_ready(
         &mut self,
         i: u32,
@@ -449,17 +531,10 @@ impl Udp {
             return;
         };
         let (fd, host_port, guest_port) = (l.fd.as_raw_fd(), l.host_port, l.guest_port);
-        for _ in 0..RECV_BUDGET {
-            let buf = &mut self.buf[PAYLOAD_AT..];
-            let r = socket::recvfrom::<SockaddrStorage>(fd, buf);
-            let (len, client) = match r {
-                Ok((len, Some(from))) => match sockaddr_to_std(&from) {
-                    Some(c) => (len, c),
-                    None => continue,
-                },
-                Ok((_, None)) => continue,
+        for _ in 0..RECV_BUDGET.div_ceil(RECV_BATCH) {
+            let n = match self.rbufs.recv_from(fd) {
+                Ok(n) => n,
                 Err(Errno::EAGAIN) => return,
-                Err(Errno::EINTR) => continue,
                 Err(e) => {
                     crate::limited!(
                         self.log_limit,
@@ -470,45 +545,54 @@ impl Udp {
                     return;
                 }
             };
-            let client = SocketAddr::new(crate::fwd::unmap(client.ip()), client.port());
-            let Some(src) = self.fwd_nat.host_to_guest_src(client.ip()) else {
-                self.stats.dropped += 1;
-                continue;
-            };
-            let Some(dst) = self.fwd_nat.guest_addr(src) else {
-                self.stats.dropped += 1;
-                continue;
-            };
-            let key = Key {
-                guest: SocketAddr::new(dst, guest_port),
-                remote: SocketAddr::new(src, client.port()),
-            };
-            let idx = match self.flows.lookup(&key.flow_key()) {
-                Some(idx) => idx,
-                None => match self.open_socket(key, client, host_port, now, reg) {
+            for k in 0..n {
+                let Some(client) = self.rbufs.datagram(k).2 else {
+                    continue;
+                };
+                let client = SocketAddr::new(crate::fwd::unmap(client.ip()), client.port());
+                let Some(src) = self.fwd_nat.host_to_guest_src(client.ip()) else {
+                    self.stats.dropped += 1;
+                    continue;
+                };
+                let Some(dst) = self.fwd_nat.guest_addr(src) else {
+                    self.stats.dropped += 1;
+                    continue;
+                };
+                let key = Key {
+                    guest: SocketAddr::new(dst, guest_port),
+                    remote: SocketAddr::new(src, client.port()),
+                };
+                let idx = match self.flows.lookup(&key.flow_key()) {
                     Some(idx) => idx,
-                    None => {
-                        self.stats.dropped += 1;
-                        continue;
-                    }
-                },
-            };
-            if let Some(f) = self.flows.get_mut(idx) {
-                f.last_used = now;
+                    None => match self.open_socket(key, client, host_port, now, reg) {
+                        Some(idx) => idx,
+                        None => {
+                            self.stats.dropped += 1;
+                            continue;
+                        }
+                    },
+                };
+                if let Some(f) = self.flows.get_mut(idx) {
+                    f.last_used = now;
+                }
+                self.deliver(key, k, macs, to_guest);
             }
-            self.deliver(key, len, macs, to_guest);
+            if n < RECV_BATCH {
+                return;
+            }
         }
     }
 
-    /// Sends the datagram of `len` bytes at `self.buf[PAYLOAD_AT..]` to the guest, from
+    /// Sends datagram `k` of the last batch of a forwarded port to the guest, from
     /// `key.remote` to `key.guest`.
     fn deliver(
         &mut self,
         key: Key,
-        len: usize,
+        k: usize,
         macs: ([u8; 6], [u8; 6]),
         to_guest: &mut dyn ToGuest,
     ) {
+        let (len, payload, _) = self.rbufs.datagram(k);
         let max = if key.remote.is_ipv6() {
             MAX_PAYLOAD_V6
         } else {
@@ -518,12 +602,14 @@ impl Udp {
             self.stats.too_big += 1;
             return;
         }
-        let start = PAYLOAD_AT - UDP_HLEN - wire::l3_header_len(key.remote.is_ipv6());
-        let frame = &mut self.buf[start..PAYLOAD_AT + len];
-        if emit_udp(frame, macs.0, macs.1, key.remote, key.guest).is_none() {
+        let mut hdr = [0u8; wire::ETH_HLEN + wire::IPV6_HLEN + UDP_HLEN];
+        let hdr = &mut hdr[..wire::l3_header_len(key.remote.is_ipv6()) + UDP_HLEN];
+        let sum = wire::PartialSum::of(payload).value();
+        let (g, o) = macs;
+        if udp_header(hdr, g, o, key.remote, key.guest, len, sum).is_none() {
             return;
         }
-        if to_guest.send(&[frame]) {
+        if to_guest.send(&[hdr, payload]) {
             self.stats.to_guest += 1;
         } else {
             self.stats.guest_drops += 1;
@@ -533,12 +619,13 @@ impl Udp {
     /// A flow's socket is readable, or (`err`) has an error pending: relay datagrams and
     /// ICMP errors to the guest.
     ///
-    /// Each datagram is received straight into a frame the back-end lends
-    /// ([`ToGuest::send_with`]: guest RX buffers in vhost-user mode), sized exactly by a
-    /// peek at its length (`MSG_PEEK | MSG_TRUNC`), and the headers are written around it.
-    /// If the back-end has no room, the flow stops reading (its socket leaves the epoll
-    /// read set) and the datagrams wait in the socket's receive buffer; what overflows it
-    /// is counted (`SO_RXQ_OVFL`) as `sock_drops`. [`Udp::room_returned`] resumes the flows.
+    /// Datagrams are received in batches ([`ToGuest::send_batch`], one `recvmmsg` each)
+    /// straight into frames the back-end lends (guest RX buffers in vhost-user mode), sized
+    /// by a peek at the length of the first (`MSG_PEEK | MSG_TRUNC`), and the headers are
+    /// written around them. If the back-end has no room, the flow stops reading (its socket
+    /// leaves the epoll read set) and the datagrams wait in the socket's receive buffer;
+    /// what overflows it is counted (`SO_RXQ_OVFL`) as `sock_drops`.
+    /// [`Udp::room_returned`] resumes the flows.
     #[allow(clippy::too_many_arguments)]
     pub fn from_sock(
         &mut self,
@@ -563,7 +650,8 @@ impl Udp {
         let hdr_len = wire::l3_header_len(key.remote.is_ipv6()) + UDP_HLEN;
         let mut errors_pending = err;
         let mut got_any = false;
-        for _ in 0..RECV_BUDGET {
+        let mut budget = RECV_BUDGET;
+        while budget > 0 {
             if errors_pending {
                 self.relay_errors(fd, key, host_peer, now, guest_mac, our_mac, to_guest);
                 errors_pending = false;
@@ -579,50 +667,65 @@ impl Udp {
                 // An ICMP error (ECONNREFUSED, EHOSTUNREACH, ...): details are queued.
                 Err(_) => {
                     errors_pending = true;
+                    budget -= 1;
                     continue;
                 }
             };
-            let mut w = DgramWriter {
+            budget -= 1;
+            if size > max {
+                // No frame can carry it: off the queue, without asking for room.
+                discard_head(fd);
+                self.stats.too_big += 1;
+                got_any = true;
+                continue;
+            }
+            let mut w = recv::DgramBatch {
+                bufs: &mut self.rbufs,
                 fd,
                 from: key.remote,
                 to: key.guest,
                 macs: (guest_mac, our_mac),
                 res: None,
+                asked: 0,
                 ovfl: None,
             };
-            // A datagram too big for a frame is received into as much room as there is,
-            // and dropped as truncated.
-            let want = size.min(max);
-            let res = to_guest.send_with(hdr_len, want, want, &mut w);
-            let (got, ovfl) = (w.res, w.ovfl);
-            if let Some(o) = ovfl {
-                if let Some(f) = self.flows.get_mut(idx) {
+            let ask = self.flows.get(idx).map_or(1, |f| usize::from(f.ask));
+            let count = ask.min(budget + 1);
+            let res = to_guest.send_batch(hdr_len, size, max, count, &mut w);
+            let (got, asked, ovfl, too_big) = (w.res, w.asked, w.ovfl, w.longer_than(max));
+            if let Some(f) = self.flows.get_mut(idx) {
+                if let Some(o) = ovfl {
                     self.stats.sock_drops += u64::from(o.wrapping_sub(f.ovfl));
                     f.ovfl = o;
                 }
+                if let Some(Ok(n)) = got {
+                    f.ask = next_ask(asked, n);
+                }
             }
             match res {
-                SendWith::Sent(_) => {
+                SendBatch::Sent { received, queued } => {
                     got_any = true;
-                    self.stats.to_guest += 1;
+                    budget = budget.saturating_sub(received.saturating_sub(1));
+                    self.stats.to_guest += queued as u64;
+                    self.stats.too_big += too_big as u64;
+                    self.stats.guest_drops += received.saturating_sub(queued + too_big) as u64;
+                    // Fewer than asked: the queue was empty (or an error stopped the
+                    // batch, which epoll reports again). Spares a peek.
+                    if matches!(got, Some(Ok(n)) if n < asked) {
+                        break;
+                    }
                 }
-                SendWith::NoRoom => {
+                SendBatch::NoRoom => {
                     self.mute(idx, reg);
                     break;
                 }
-                SendWith::Dropped if got.is_none() => {
+                SendBatch::Dropped => {
                     // Never read: the back-end can't take any frame now.
                     self.stats.guest_drops += 1;
                     break;
                 }
-                SendWith::Dropped => self.stats.guest_drops += 1,
-                SendWith::Abandoned => match got {
-                    Some(Ok(n)) if n > max || n > want => {
-                        got_any = true;
-                        self.stats.too_big += 1;
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(Errno::EAGAIN)) | None => break,
+                SendBatch::Abandoned => match got {
+                    Some(Err(Errno::EAGAIN)) | Some(Ok(_)) | None => break,
                     Some(Err(Errno::EINTR)) => {}
                     // An ICMP error (ECONNREFUSED, EHOSTUNREACH, ...): details are queued.
                     Some(Err(_)) => errors_pending = true,
@@ -743,6 +846,9 @@ impl Udp {
     /// Closes flows idle for the configured timeout. Dropping the socket also removes it
     /// from epoll.
     pub fn expire(&mut self, now: Instant) {
+        // Queued datagrams name their flows' sockets: out they go first (normally the
+        // queue is empty here, flushed at the end of each frame batch).
+        self.end_batch(now);
         let timeout = self.cfg.idle_timeout;
         for i in 0..self.flows.high_water() {
             let idx = FlowIdx(i);
@@ -793,72 +899,6 @@ fn check_udp(src: IpAddr, dst: IpAddr, l4: &[u8]) -> Result<&[u8], Reject> {
     }
 }
 
-/// Writes Ethernet, IP and UDP headers in front of the payload that ends `frame`, from
-/// `from` to `to`, UDP checksum included. `frame` starts at the Ethernet header.
-fn emit_udp(
-    frame: &mut [u8],
-    guest_mac: [u8; 6],
-    our_mac: [u8; 6],
-    from: SocketAddr,
-    to: SocketAddr,
-) -> Option<()> {
-    let payload_at = wire::l3_header_len(from.is_ipv6()) + UDP_HLEN;
-    let payload_len = frame.len().checked_sub(payload_at)?;
-    let (hdr, payload) = frame.split_at_mut(payload_at);
-    let sum = wire::PartialSum::of(payload).value();
-    udp_header(hdr, guest_mac, our_mac, from, to, payload_len, sum)
-}
-
-/// One datagram received in place, headers written around it.
-struct DgramWriter {
-    fd: RawFd,
-    from: SocketAddr,
-    to: SocketAddr,
-    macs: ([u8; 6], [u8; 6]),
-    /// What `recvmsg` returned: the datagram's real length (`MSG_TRUNC`), or the error.
-    res: Option<Result<usize, Errno>>,
-    /// The socket's drop counter, if the kernel attached it.
-    ovfl: Option<u32>,
-}
-
-impl FrameWriter for DgramWriter {
-    fn payload(&mut self, room: &[libc::iovec]) -> Option<usize> {
-        let mut cmsg = [0u64; 4];
-        // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = room.as_ptr().cast_mut();
-        msg.msg_iovlen = room.len();
-        msg.msg_control = cmsg.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&cmsg);
-        // SAFETY: the kernel writes through the iovecs the back-end lent for writing (never
-        // through the array itself) and into `cmsg`, within `msg_controllen`. With
-        // MSG_TRUNC the result is the datagram's real length, even when longer than the room.
-        let n = unsafe { libc::recvmsg(self.fd, &mut msg, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
-        if n < 0 {
-            self.res = Some(Err(Errno::last()));
-            return None;
-        }
-        self.ovfl = rxq_ovfl(&msg);
-        let n = n as usize;
-        self.res = Some(Ok(n));
-        let cap: usize = room.iter().map(|v| v.iov_len).sum();
-        (n <= cap).then_some(n)
-    }
-
-    fn header(&mut self, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool {
-        udp_header(
-            hdr,
-            self.macs.0,
-            self.macs.1,
-            self.from,
-            self.to,
-            len,
-            payload_sum,
-        )
-        .is_some()
-    }
-}
-
 /// The length of the datagram at the head of `fd`'s receive queue, left there.
 fn peek_len(fd: RawFd) -> Result<usize, Errno> {
     let mut byte = 0u8;
@@ -876,6 +916,28 @@ fn peek_len(fd: RawFd) -> Result<usize, Errno> {
         return Err(Errno::last());
     }
     Ok(n as usize)
+}
+
+/// How many datagrams the next batch of a flow asks room for, after `got` of `asked`:
+/// twice as many if all came (more may wait), else as many as came. Room reserved and not
+/// used costs the back-end (guest buffers taken off the ring, then rewound), and a flow's
+/// queue at one readiness event is the best guess of the next.
+fn next_ask(asked: usize, got: usize) -> u8 {
+    let n = if got >= asked { 2 * asked } else { got };
+    n.clamp(1, RECV_BATCH) as u8
+}
+
+/// Drops the datagram at the head of `fd`'s receive queue (received into no room).
+fn discard_head(fd: RawFd) {
+    // SAFETY: a receive of at most 0 bytes into a null buffer: nothing is written.
+    let _ = unsafe {
+        libc::recv(
+            fd,
+            std::ptr::null_mut(),
+            0,
+            libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
 }
 
 /// The `SO_RXQ_OVFL` counter among a received message's control data.
@@ -931,15 +993,6 @@ fn udp_header(
         udp_len,
     )?;
     Some(())
-}
-
-fn send(fd: RawFd, payload: &[u8]) -> Result<usize, Errno> {
-    loop {
-        match socket::send(fd, payload, MsgFlags::MSG_DONTWAIT) {
-            Err(Errno::EINTR) => continue,
-            r => return r,
-        }
-    }
 }
 
 /// A socket for one flow: bound to `port` if the host lets us, else ephemeral; connected to
@@ -1157,19 +1210,28 @@ fn emit_icmp_error(
     Some(icmp_at + icmp_len - start)
 }
 
-fn sockaddr_to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = a.as_sockaddr_in() {
-        return Some(SocketAddr::V4(SocketAddrV4::new(v4.ip(), v4.port())));
-    }
-    a.as_sockaddr_in6()
-        .map(|v6| SocketAddr::V6(SocketAddrV6::new(v6.ip(), v6.port(), 0, 0)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tap::{FrameWriter, SendWith};
     use std::io;
     use std::net::UdpSocket;
+
+    /// Writes Ethernet, IP and UDP headers in front of the payload that ends `frame`, from
+    /// `from` to `to`, UDP checksum included. `frame` starts at the Ethernet header.
+    fn emit_udp(
+        frame: &mut [u8],
+        guest_mac: [u8; 6],
+        our_mac: [u8; 6],
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Option<()> {
+        let payload_at = wire::l3_header_len(from.is_ipv6()) + UDP_HLEN;
+        let payload_len = frame.len().checked_sub(payload_at)?;
+        let (hdr, payload) = frame.split_at_mut(payload_at);
+        let sum = wire::PartialSum::of(payload).value();
+        udp_header(hdr, guest_mac, our_mac, from, to, payload_len, sum)
+    }
 
     struct NoReg;
     impl Register for NoReg {
@@ -1179,6 +1241,13 @@ mod tests {
         fn modify(&mut self, _fd: RawFd, _events: epoll::Events, _token: Token) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A guest datagram, its frame batch ended.
+    fn guest4(u: &mut Udp, ip: &[u8], now: Instant) {
+        // SAFETY: `ip` outlives the batch, ended here.
+        unsafe { u.from_guest_v4(ip, now, &mut NoReg) };
+        u.end_batch(now);
     }
 
     struct Sink(Vec<Vec<u8>>);
@@ -1300,13 +1369,13 @@ mod tests {
         let t0 = Instant::now();
         let guest_port = server_free_port();
         let d = dgram4(GUEST4, GW4, guest_port, port, b"ping");
-        u.from_guest_v4(&d, t0, &mut NoReg);
+        guest4(&mut u, &d, t0);
         assert_eq!(u.active_flows(), 1);
         let mut rx = [0u8; 64];
         let (n, from) = server.recv_from(&mut rx).unwrap();
         assert_eq!(&rx[..n], b"ping");
         assert_eq!(from.port(), guest_port, "guest's source port kept");
-        u.from_guest_v4(&d, t0 + Duration::from_secs(100), &mut NoReg);
+        guest4(&mut u, &d, t0 + Duration::from_secs(100));
         assert_eq!(u.active_flows(), 1, "same flow reused");
         assert_eq!(u.stats().flows_opened, 1);
         server.recv_from(&mut rx).unwrap();
@@ -1366,7 +1435,7 @@ mod tests {
         let mut u = Udp::new(cfg());
         let d = dgram4(GUEST4, GW4, 40000, closed, b"anyone?");
         let t0 = Instant::now();
-        u.from_guest_v4(&d, t0, &mut NoReg);
+        guest4(&mut u, &d, t0);
         let fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
         let mut pfd = libc::pollfd {
             fd,
@@ -1470,11 +1539,7 @@ mod tests {
         let mut u = Udp::new(cfg());
         let t0 = Instant::now();
         let guest_port = server_free_port();
-        u.from_guest_v4(
-            &dgram4(GUEST4, GW4, guest_port, port, b"hi"),
-            t0,
-            &mut NoReg,
-        );
+        guest4(&mut u, &dgram4(GUEST4, GW4, guest_port, port, b"hi"), t0);
         let mut rx = [0u8; 16];
         let (_, flow) = peer.recv_from(&mut rx).unwrap();
         let flow_fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
@@ -1511,7 +1576,7 @@ mod tests {
         let mut u = Udp::new(cfg());
         let t0 = Instant::now();
         let guest_port = server_free_port();
-        u.from_guest_v4(&dgram4(GUEST4, GW4, guest_port, port, b""), t0, &mut NoReg);
+        guest4(&mut u, &dgram4(GUEST4, GW4, guest_port, port, b""), t0);
         let mut rx = [0u8; 16];
         let (n, flow) = peer.recv_from(&mut rx).unwrap();
         assert_eq!(n, 0);
@@ -1549,22 +1614,103 @@ mod tests {
         assert_eq!(payloads, vec![b"".to_vec(), b"after".to_vec()]);
     }
 
+    /// A flow's socket overflowing while nobody reads it (the bounded queue): what the
+    /// kernel dropped is counted (as it tells, with the next datagram received), what it
+    /// kept reaches the guest (through the stream back-end's batches), in order; nothing
+    /// is unaccounted for.
+    #[test]
+    fn overflow_while_waiting_is_counted() {
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = peer.local_addr().unwrap().port();
+        let mut u = Udp::new(cfg());
+        let t0 = Instant::now();
+        guest4(
+            &mut u,
+            &dgram4(GUEST4, GW4, server_free_port(), port, b"hi"),
+            t0,
+        );
+        let mut rx = [0u8; 16];
+        let (_, flow) = peer.recv_from(&mut rx).unwrap();
+        let fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
+        // The smallest receive buffer the kernel allows: a few dozen datagrams.
+        crate::sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 1).unwrap();
+        const N: u64 = 500;
+        for i in 0..N {
+            peer.send_to(&i.to_be_bytes(), flow).unwrap();
+        }
+        let (ours, mut qemu) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut tap = crate::tap::stream::StreamTap::new(ours).unwrap();
+        let macs = ([1; 6], [2; 6]);
+        for _ in 0..N {
+            u.from_sock(
+                FlowIdx(0),
+                false,
+                t0,
+                macs.0,
+                macs.1,
+                &mut NoReg,
+                tap.to_guest(),
+            );
+            if peek_len(fd) == Err(Errno::EAGAIN) {
+                break;
+            }
+        }
+        // The kernel tells the count with the datagrams queued after the drops.
+        peer.send_to(&N.to_be_bytes(), flow).unwrap();
+        wait_readable(fd);
+        let g = tap.to_guest();
+        u.from_sock(FlowIdx(0), false, t0, macs.0, macs.1, &mut NoReg, g);
+        tap.to_guest().flush();
+        drop(tap);
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut qemu, &mut out).unwrap();
+        let mut seqs = Vec::new();
+        let mut rest = &out[..];
+        while rest.len() >= 4 {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            let ip = Ipv4Packet::new_checked(&rest[4 + 14..4 + len]).unwrap();
+            let l4 = &ip.payload()[..usize::from(ip.total_len()) - 20];
+            let p = check_udp(GW4.into(), GUEST4.into(), l4).unwrap();
+            seqs.push(u64::from_be_bytes(p.try_into().unwrap()));
+            rest = &rest[4 + len..];
+        }
+        let st = u.stats();
+        assert!(st.sock_drops > 0, "the buffer must have overflowed");
+        assert_eq!(st.to_guest, seqs.len() as u64);
+        assert_eq!(
+            st.to_guest + st.sock_drops,
+            N + 1,
+            "every datagram delivered or counted"
+        );
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order");
+    }
+
+    #[test]
+    fn batches_grow_while_full_and_shrink_to_what_came() {
+        assert_eq!(next_ask(1, 1), 2);
+        assert_eq!(next_ask(2, 2), 4);
+        assert_eq!(next_ask(16, 16), 32);
+        assert_eq!(next_ask(32, 32), RECV_BATCH as u8);
+        assert_eq!(next_ask(32, 5), 5);
+        assert_eq!(next_ask(4, 0), 1);
+    }
+
     #[test]
     fn bad_input_is_counted_not_sent() {
         let mut u = Udp::new(cfg());
         let now = Instant::now();
         let mut d = dgram4(GUEST4, GW4, 1000, 2000, b"x");
         d[28] ^= 1;
-        u.from_guest_v4(&d, now, &mut NoReg);
+        guest4(&mut u, &d, now);
         assert_eq!(u.stats().bad_checksum, 1);
         let to_port0 = dgram4(GUEST4, GW4, 1000, 0, b"x");
-        u.from_guest_v4(&to_port0, now, &mut NoReg);
+        guest4(&mut u, &to_port0, now);
         let bcast = dgram4(GUEST4, Ipv4Addr::BROADCAST, 1000, 9, b"x");
-        u.from_guest_v4(&bcast, now, &mut NoReg);
+        guest4(&mut u, &bcast, now);
         assert_eq!(u.stats().dropped, 2);
         let mut frag = dgram4(GUEST4, GW4, 1000, 2000, b"x");
         frag[6] |= 0x20; // more fragments
-        u.from_guest_v4(&frag, now, &mut NoReg);
+        guest4(&mut u, &frag, now);
         assert_eq!(u.stats().malformed, 1);
         assert_eq!(u.active_flows(), 0);
     }
