@@ -162,6 +162,26 @@ struct Batch {
 }
 
 impl Batch {
+    /// The buffers of a message that makes no frame: before the first frame, they join
+    /// `lead` (given back with the batch's unused ones); after one, they ride along as its
+    /// padding, a byte each.
+    fn orphan(&mut self, sp: Span, lead: &mut std::ops::Range<usize>) {
+        if self.frames.is_empty() {
+            *lead = lead.start..sp.end;
+            return;
+        }
+        for c in sp.first..sp.end {
+            self.plan.push(Use {
+                chain: c,
+                len: 1,
+                hole: true,
+            });
+        }
+        if let Some(f) = self.frames.last_mut() {
+            f.2 = self.plan.len();
+        }
+    }
+
     fn new(max_chains: usize) -> Self {
         Batch {
             spans: Vec::with_capacity(MAX_BATCH),
@@ -955,20 +975,7 @@ impl RxRing {
         for i in 0..got {
             let sp = self.batch.spans[i];
             if !self.batch.kept[i] {
-                if self.batch.frames.is_empty() {
-                    lead_orphans = lead_orphans.start..sp.end;
-                } else {
-                    for c in sp.first..sp.end {
-                        self.batch.plan.push(Use {
-                            chain: c,
-                            len: 1,
-                            hole: true,
-                        });
-                    }
-                    if let Some(f) = self.batch.frames.last_mut() {
-                        f.2 = self.batch.plan.len();
-                    }
-                }
+                self.batch.orphan(sp, &mut lead_orphans);
                 continue;
             }
             let len = self.batch.lens[i];
@@ -1020,20 +1027,7 @@ impl RxRing {
                 self.batch.plan.truncate(at);
                 spare = spare_before;
                 self.batch.kept[i] = false;
-                if self.batch.frames.is_empty() {
-                    lead_orphans = lead_orphans.start..sp.end;
-                } else {
-                    for c in sp.first..sp.end {
-                        self.batch.plan.push(Use {
-                            chain: c,
-                            len: 1,
-                            hole: true,
-                        });
-                    }
-                    if let Some(f) = self.batch.frames.last_mut() {
-                        f.2 = self.batch.plan.len();
-                    }
-                }
+                self.batch.orphan(sp, &mut lead_orphans);
                 continue;
             }
             if self.batch.frames.is_empty() {
