@@ -145,6 +145,24 @@ struct Use {
     hole: bool,
 }
 
+impl Use {
+    fn data(chain: usize, len: usize) -> Use {
+        Use {
+            chain,
+            len: len as u32,
+            hole: false,
+        }
+    }
+
+    fn hole(chain: usize) -> Use {
+        Use {
+            chain,
+            len: 1,
+            hole: true,
+        }
+    }
+}
+
 /// Per-batch state, allocated once.
 #[derive(Debug)]
 struct Batch {
@@ -162,6 +180,19 @@ struct Batch {
 }
 
 impl Batch {
+    /// The buffers of message `sp`, which has no frame: padding of the frame before it,
+    /// or (none yet) of the first one to come, `lead` collecting them until then.
+    fn orphan(&mut self, sp: Span, lead: &mut std::ops::Range<usize>) {
+        if self.frames.is_empty() {
+            *lead = lead.start..sp.end;
+            return;
+        }
+        self.plan.extend((sp.first..sp.end).map(Use::hole));
+        if let Some(f) = self.frames.last_mut() {
+            f.2 = self.plan.len();
+        }
+    }
+
     fn new(max_chains: usize) -> Self {
         Batch {
             spans: Vec::with_capacity(MAX_BATCH),
@@ -955,20 +986,7 @@ impl RxRing {
         for i in 0..got {
             let sp = self.batch.spans[i];
             if !self.batch.kept[i] {
-                if self.batch.frames.is_empty() {
-                    lead_orphans = lead_orphans.start..sp.end;
-                } else {
-                    for c in sp.first..sp.end {
-                        self.batch.plan.push(Use {
-                            chain: c,
-                            len: 1,
-                            hole: true,
-                        });
-                    }
-                    if let Some(f) = self.batch.frames.last_mut() {
-                        f.2 = self.batch.plan.len();
-                    }
-                }
+                self.batch.orphan(sp, &mut lead_orphans);
                 continue;
             }
             let len = self.batch.lens[i];
@@ -978,18 +996,10 @@ impl RxRing {
             for c in sp.first..sp.end {
                 if left > 0 {
                     let n = left.min(self.chains[c].cap as usize);
-                    self.batch.plan.push(Use {
-                        chain: c,
-                        len: n as u32,
-                        hole: false,
-                    });
+                    self.batch.plan.push(Use::data(c, n));
                     left -= n;
                 } else {
-                    self.batch.plan.push(Use {
-                        chain: c,
-                        len: 1,
-                        hole: true,
-                    });
+                    self.batch.plan.push(Use::hole(c));
                 }
             }
             let spare_before = spare;
@@ -1007,11 +1017,7 @@ impl RxRing {
                     break;
                 };
                 let n = left.min(self.chains[c].cap as usize);
-                self.batch.plan.push(Use {
-                    chain: c,
-                    len: n as u32,
-                    hole: false,
-                });
+                self.batch.plan.push(Use::data(c, n));
                 left -= n;
             }
             if left > 0 {
@@ -1020,30 +1026,11 @@ impl RxRing {
                 self.batch.plan.truncate(at);
                 spare = spare_before;
                 self.batch.kept[i] = false;
-                if self.batch.frames.is_empty() {
-                    lead_orphans = lead_orphans.start..sp.end;
-                } else {
-                    for c in sp.first..sp.end {
-                        self.batch.plan.push(Use {
-                            chain: c,
-                            len: 1,
-                            hole: true,
-                        });
-                    }
-                    if let Some(f) = self.batch.frames.last_mut() {
-                        f.2 = self.batch.plan.len();
-                    }
-                }
+                self.batch.orphan(sp, &mut lead_orphans);
                 continue;
             }
             if self.batch.frames.is_empty() {
-                for c in lead_orphans.clone() {
-                    self.batch.plan.push(Use {
-                        chain: c,
-                        len: 1,
-                        hole: true,
-                    });
-                }
+                self.batch.plan.extend(lead_orphans.clone().map(Use::hole));
             }
             self.batch.frames.push((i, at, self.batch.plan.len()));
         }
