@@ -145,24 +145,6 @@ struct Use {
     hole: bool,
 }
 
-impl Use {
-    fn data(chain: usize, len: usize) -> Use {
-        Use {
-            chain,
-            len: len as u32,
-            hole: false,
-        }
-    }
-
-    fn hole(chain: usize) -> Use {
-        Use {
-            chain,
-            len: 1,
-            hole: true,
-        }
-    }
-}
-
 /// Per-batch state, allocated once.
 #[derive(Debug)]
 struct Batch {
@@ -180,14 +162,21 @@ struct Batch {
 }
 
 impl Batch {
-    /// The buffers of message `sp`, which has no frame: padding of the frame before it,
-    /// or (none yet) of the first one to come, `lead` collecting them until then.
+    /// The buffers of a message that makes no frame: before the first frame, they join
+    /// `lead` (given back with the batch's unused ones); after one, they ride along as its
+    /// padding, a byte each.
     fn orphan(&mut self, sp: Span, lead: &mut std::ops::Range<usize>) {
         if self.frames.is_empty() {
             *lead = lead.start..sp.end;
             return;
         }
-        self.plan.extend((sp.first..sp.end).map(Use::hole));
+        for c in sp.first..sp.end {
+            self.plan.push(Use {
+                chain: c,
+                len: 1,
+                hole: true,
+            });
+        }
         if let Some(f) = self.frames.last_mut() {
             f.2 = self.plan.len();
         }
@@ -996,10 +985,18 @@ impl RxRing {
             for c in sp.first..sp.end {
                 if left > 0 {
                     let n = left.min(self.chains[c].cap as usize);
-                    self.batch.plan.push(Use::data(c, n));
+                    self.batch.plan.push(Use {
+                        chain: c,
+                        len: n as u32,
+                        hole: false,
+                    });
                     left -= n;
                 } else {
-                    self.batch.plan.push(Use::hole(c));
+                    self.batch.plan.push(Use {
+                        chain: c,
+                        len: 1,
+                        hole: true,
+                    });
                 }
             }
             let spare_before = spare;
@@ -1017,7 +1014,11 @@ impl RxRing {
                     break;
                 };
                 let n = left.min(self.chains[c].cap as usize);
-                self.batch.plan.push(Use::data(c, n));
+                self.batch.plan.push(Use {
+                    chain: c,
+                    len: n as u32,
+                    hole: false,
+                });
                 left -= n;
             }
             if left > 0 {
@@ -1030,7 +1031,13 @@ impl RxRing {
                 continue;
             }
             if self.batch.frames.is_empty() {
-                self.batch.plan.extend(lead_orphans.clone().map(Use::hole));
+                for c in lead_orphans.clone() {
+                    self.batch.plan.push(Use {
+                        chain: c,
+                        len: 1,
+                        hole: true,
+                    });
+                }
             }
             self.batch.frames.push((i, at, self.batch.plan.len()));
         }
