@@ -10,7 +10,8 @@
 /// host socket), so a back-end can gather them straight into guest buffers with one copy.
 /// Data from host sockets can do better with [`ToGuest::send_with`]: the kernel writes the
 /// payload straight into the back-end's room for the frame (guest memory, in vhost-user
-/// mode), and the headers follow once its length is known.
+/// mode), and the headers follow once its length is known; [`ToGuest::send_batch`] does
+/// the same for several messages received with one system call.
 pub trait ToGuest {
     /// Queues one Ethernet frame for the guest. Back-ends pad frames shorter than 60 bytes.
     /// Returns `false` if the frame was dropped (no room even after queueing); the back-end

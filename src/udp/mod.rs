@@ -78,8 +78,8 @@
 //! guest buffers collected for the largest datagram and rewound after. We batch there too,
 //! which needs the frames laid out after the receive (step 3), and size the room by a peek
 //! rather than for the largest datagram, so a batch doesn't take 64 KiB of guest buffers per
-//! message. In its other modes upstream receives batches into buffers of its own and
-//! copies the frames out; we receive into the stream back-end's output buffer directly.
+//! message. In its other modes upstream receives batches too, into frame buffers of its
+//! own that it writes out from, which is what the stream back-end's slots amount to.
 //!
 //! # No room towards the guest: the bounded queue
 //! If the back-end has no room (the guest posted no RX buffers, or the stream socket is
@@ -1528,21 +1528,29 @@ mod tests {
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
     }
 
+    /// A peer on loopback and the flow the guest opened to it with `first`: (the peer,
+    /// the flow socket's address as the peer sees it, its descriptor).
+    fn flow_to_peer(u: &mut Udp, first: &[u8], t0: Instant) -> (UdpSocket, SocketAddr, RawFd) {
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = peer.local_addr().unwrap().port();
+        let guest_port = server_free_port();
+        guest4(u, &dgram4(GUEST4, GW4, guest_port, port, first), t0);
+        let mut rx = [0u8; 16];
+        let (n, flow) = peer.recv_from(&mut rx).unwrap();
+        assert_eq!(&rx[..n], first);
+        let fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
+        (peer, flow, fd)
+    }
+
     /// Readiness reported for a queue found empty (the datagrams were read at the previous
     /// event), and a datagram arriving meanwhile: it must reach the guest at this event or
     /// the next, not be received into no room and dropped as truncated. (Sizing the room by
     /// FIONREAD, whose 0 also means "empty", lost datagrams this way in stream mode.)
     #[test]
     fn datagram_arriving_on_an_empty_queue_is_not_lost() {
-        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = peer.local_addr().unwrap().port();
         let mut u = Udp::new(cfg());
         let t0 = Instant::now();
-        let guest_port = server_free_port();
-        guest4(&mut u, &dgram4(GUEST4, GW4, guest_port, port, b"hi"), t0);
-        let mut rx = [0u8; 16];
-        let (_, flow) = peer.recv_from(&mut rx).unwrap();
-        let flow_fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
+        let (peer, flow, flow_fd) = flow_to_peer(&mut u, b"hi", t0);
         let mut g = LateArrival {
             frames: Vec::new(),
             peer: &peer,
@@ -1571,18 +1579,11 @@ mod tests {
     /// Zero-length datagrams reach the guest (a queue holding one is not empty).
     #[test]
     fn zero_length_datagram_reaches_the_guest() {
-        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = peer.local_addr().unwrap().port();
         let mut u = Udp::new(cfg());
         let t0 = Instant::now();
-        let guest_port = server_free_port();
-        guest4(&mut u, &dgram4(GUEST4, GW4, guest_port, port, b""), t0);
-        let mut rx = [0u8; 16];
-        let (n, flow) = peer.recv_from(&mut rx).unwrap();
-        assert_eq!(n, 0);
+        let (peer, flow, flow_fd) = flow_to_peer(&mut u, b"", t0);
         peer.send_to(b"", flow).unwrap();
         peer.send_to(b"after", flow).unwrap();
-        let flow_fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
         wait_readable(flow_fd);
         let mut g = LateArrival {
             frames: Vec::new(),
@@ -1620,18 +1621,9 @@ mod tests {
     /// is unaccounted for.
     #[test]
     fn overflow_while_waiting_is_counted() {
-        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = peer.local_addr().unwrap().port();
         let mut u = Udp::new(cfg());
         let t0 = Instant::now();
-        guest4(
-            &mut u,
-            &dgram4(GUEST4, GW4, server_free_port(), port, b"hi"),
-            t0,
-        );
-        let mut rx = [0u8; 16];
-        let (_, flow) = peer.recv_from(&mut rx).unwrap();
-        let fd = u.flows.get(FlowIdx(0)).unwrap().sock.as_raw_fd();
+        let (peer, flow, fd) = flow_to_peer(&mut u, b"hi", t0);
         // The smallest receive buffer the kernel allows: a few dozen datagrams.
         crate::sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 1).unwrap();
         const N: u64 = 500;
