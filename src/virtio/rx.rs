@@ -163,8 +163,8 @@ struct Batch {
 
 impl Batch {
     /// The buffers of a message that makes no frame: before the first frame, they join
-    /// `lead` (given back with the batch's unused ones); after one, they ride along as its
-    /// padding, a byte each.
+    /// `lead` (padding for the first frame kept, or rewound if none is); after one, they
+    /// ride along as its padding, a byte each.
     fn orphan(&mut self, sp: Span, lead: &mut std::ops::Range<usize>) {
         if self.frames.is_empty() {
             *lead = lead.start..sp.end;
