@@ -340,7 +340,8 @@ fn dns_forward_to_the_first_resolver() {
 #[test]
 fn dns_forward_over_ipv6() {
     let topo = Topology::new();
-    topo.peer_ok(&format!("ip addr add {}/128 dev lo", netns::DNS_V6));
+    // nodad: never tentative, so the server can bind it at once.
+    topo.peer_ok(&format!("ip addr add {}/128 dev lo nodad", netns::DNS_V6));
     server(&topo, Side::Peer, &[sa(netns::DNS_V6, 53)], "resolver6:");
     let fwd: Ipv6Addr = "2001:db8::53".parse().unwrap();
     let (_passt, mut c) = start(&topo, &["--dns-forward", &fwd.to_string()]);
