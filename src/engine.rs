@@ -382,6 +382,42 @@ impl Engine {
         );
     }
 
+    /// An ICMP or ICMPv6 message (`ip`: its whole packet) for the echo translation.
+    fn icmp_echo(&mut self, ip: &[u8], v6: bool) {
+        let (now, reg) = (self.now, &mut self.registrar);
+        let handled = self.icmp.as_mut().is_some_and(|icmp| {
+            if v6 {
+                icmp.from_guest_v6(ip, now, reg)
+            } else {
+                icmp.from_guest_v4(ip, now, reg)
+            }
+        });
+        if handled {
+            self.stats.icmp += 1;
+        } else {
+            self.stats.unsupported += 1;
+        }
+    }
+
+    /// A UDP datagram (`ip`: its whole packet) for the UDP translation.
+    fn udp_datagram(&mut self, ip: &[u8], v6: bool) {
+        let (now, reg) = (self.now, &mut self.registrar);
+        let Some(udp) = self.udp.as_mut() else {
+            self.stats.unsupported += 1;
+            return;
+        };
+        self.stats.udp += 1;
+        // SAFETY: `ip` is part of the frame being handled, whose bytes stay in place until
+        // `end_batch` (FrameHandler), which ends UDP's batch.
+        unsafe {
+            if v6 {
+                udp.from_guest_v6(ip, now, reg)
+            } else {
+                udp.from_guest_v4(ip, now, reg)
+            }
+        }
+    }
+
     fn ipv4(&mut self, frame: &[u8], ip: &[u8], to_guest: &mut dyn ToGuest) {
         let Ok(pkt) = Ipv4Packet::new_checked(ip) else {
             return self.malformed("IPv4");
@@ -396,17 +432,7 @@ impl Engine {
                 let v = l2::dhcp::handle(&self.net, frame, &mut self.reply);
                 self.service(v, to_guest);
             }
-            IpProtocol::Icmp => {
-                let handled = match self.icmp.as_mut() {
-                    Some(icmp) => icmp.from_guest_v4(ip, self.now, &mut self.registrar),
-                    None => false,
-                };
-                if handled {
-                    self.stats.icmp += 1;
-                } else {
-                    self.stats.unsupported += 1;
-                }
-            }
+            IpProtocol::Icmp => self.icmp_echo(ip, false),
             IpProtocol::Tcp => self.tcp_segment(
                 IpAddr::V4(pkt.src_addr()),
                 IpAddr::V4(pkt.dst_addr()),
@@ -414,15 +440,7 @@ impl Engine {
                 Tail::default(),
                 to_guest,
             ),
-            IpProtocol::Udp => match self.udp.as_mut() {
-                Some(udp) => {
-                    self.stats.udp += 1;
-                    // SAFETY: `ip` is part of the frame being handled, whose bytes stay
-                    // in place until `end_batch` (FrameHandler), which ends UDP's batch.
-                    unsafe { udp.from_guest_v4(ip, self.now, &mut self.registrar) };
-                }
-                None => self.stats.unsupported += 1,
-            },
+            IpProtocol::Udp => self.udp_datagram(ip, false),
             _ => self.stats.unsupported += 1,
         }
     }
@@ -444,17 +462,7 @@ impl Engine {
                 }
                 // The guest announcing itself: nothing to learn beyond its MAC.
                 Some(ICMPV6_NEIGHBOR_ADVERT) => self.stats.ndp += 1,
-                Some(_) => {
-                    let handled = match self.icmp.as_mut() {
-                        Some(icmp) => icmp.from_guest_v6(ip, self.now, &mut self.registrar),
-                        None => false,
-                    };
-                    if handled {
-                        self.stats.icmp += 1;
-                    } else {
-                        self.stats.unsupported += 1;
-                    }
-                }
+                Some(_) => self.icmp_echo(ip, true),
                 None => self.malformed("ICMPv6"),
             },
             IpProtocol::Udp if udp_dst_port(pkt.payload()) == Some(DHCPV6_SERVER_PORT) => {
@@ -469,14 +477,7 @@ impl Engine {
                 Tail::default(),
                 to_guest,
             ),
-            IpProtocol::Udp => match self.udp.as_mut() {
-                Some(udp) => {
-                    self.stats.udp += 1;
-                    // SAFETY: as for IPv4 above.
-                    unsafe { udp.from_guest_v6(ip, self.now, &mut self.registrar) };
-                }
-                None => self.stats.unsupported += 1,
-            },
+            IpProtocol::Udp => self.udp_datagram(ip, true),
             _ => self.stats.unsupported += 1,
         }
     }
