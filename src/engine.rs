@@ -282,6 +282,11 @@ impl Engine {
         self.udp.as_ref().map(Udp::stats)
     }
 
+    /// UDP flows waiting for room towards the guest (see [`Udp::muted_flows`]).
+    pub fn udp_muted_flows(&self) -> Option<usize> {
+        self.udp.as_ref().map(Udp::muted_flows)
+    }
+
     /// Watches the bound sockets of forwarded UDP ports (UDP must be on).
     pub fn udp_listen(&mut self, ls: Vec<crate::fwd::Listener>) -> std::io::Result<()> {
         match self.udp.as_mut() {

@@ -24,7 +24,7 @@ use crate::flow::{FlowIdx, FlowRef};
 use crate::tap::stream::{StreamEvent, StreamTap};
 use crate::tap::{Discard, ToGuest};
 use crate::udp::UdpConfig;
-use crate::vhost_user::{Device, DeviceOptions, Outcome, Source};
+use crate::vhost_user::{Device, DeviceOptions, Outcome, Source, WATCHDOG_INTERVAL};
 use crate::virtio::QueueIdx;
 
 /// Housekeeping period: flow expiry, periodic announcements.
@@ -247,7 +247,8 @@ impl TimerFd {
     }
 }
 
-/// Blocks the termination signals and returns a signalfd that reports them. Must run before
+/// Blocks the termination signals (and SIGUSR1, which asks for a state dump) and returns a
+/// signalfd that reports them. Must run before
 /// any thread is started, so that no thread takes them the default way.
 pub fn signal_fd() -> Result<SignalFd, LoopError> {
     let mut mask = SigSet::empty();
@@ -256,6 +257,7 @@ pub fn signal_fd() -> Result<SignalFd, LoopError> {
         Signal::SIGINT,
         Signal::SIGHUP,
         Signal::SIGQUIT,
+        Signal::SIGUSR1,
     ] {
         mask.add(s);
     }
@@ -306,6 +308,59 @@ struct Loop {
     link: Link,
     listener: Option<UnixListener>,
     exit_when_gone: bool,
+    watch: WatchSchedule,
+}
+
+/// When the vhost-user watchdog runs: every [`WATCHDOG_INTERVAL`] while there is traffic
+/// and for [`WATCH_LINGER`] after it (a guest under TCG may answer that late, and a lost
+/// kick for its answer stalls it until the next check), every [`PERIODIC`] otherwise, so an
+/// idle process isn't woken more than it was.
+struct WatchSchedule {
+    /// Only vhost-user has a watchdog.
+    enabled: bool,
+    last_activity: Instant,
+    last_run: Instant,
+}
+
+/// See [`WatchSchedule`].
+const WATCH_LINGER: Duration = Duration::from_secs(2);
+
+impl WatchSchedule {
+    fn new(enabled: bool, now: Instant) -> Self {
+        WatchSchedule {
+            enabled,
+            last_activity: now,
+            last_run: now,
+        }
+    }
+
+    fn interval(&self, now: Instant) -> Duration {
+        if now.saturating_duration_since(self.last_activity) < WATCH_LINGER {
+            WATCHDOG_INTERVAL
+        } else {
+            PERIODIC
+        }
+    }
+
+    fn activity(&mut self, now: Instant) {
+        self.last_activity = now;
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.enabled && now.saturating_duration_since(self.last_run) >= self.interval(now)
+    }
+
+    fn ran(&mut self, now: Instant) {
+        self.last_run = now;
+    }
+
+    /// How long the loop may wait before the next run.
+    fn next_in(&self, now: Instant) -> Duration {
+        if !self.enabled {
+            return Duration::MAX;
+        }
+        (self.last_run + self.interval(now)).saturating_duration_since(now)
+    }
 }
 
 /// Runs the loop until a termination signal, or until the client leaves when the
@@ -374,6 +429,7 @@ pub fn run(
         link,
         listener: None,
         exit_when_gone: cfg.one_off,
+        watch: WatchSchedule::new(cfg.mode == Mode::VhostUser, Instant::now()),
     };
     match guest {
         Guest::Listen(l) => {
@@ -403,9 +459,13 @@ pub fn run(
             timer.arm(after).map_err(LoopError::Timer)?;
             armed = want;
         }
+        let wait = lp
+            .watch
+            .next_in(Instant::now())
+            .min(PERIODIC.saturating_sub(last_periodic.elapsed()));
         let n = match epoll::wait(
             lp.epoll.0.as_raw_fd(),
-            PERIODIC.as_millis() as i32,
+            wait.as_millis().try_into().unwrap_or(i32::MAX),
             &mut events,
         ) {
             Ok(n) => n,
@@ -419,6 +479,10 @@ pub fn run(
             let flags = epoll::Events::from_bits_truncate(ev_flags);
             let exit = match Token::decode(ev_data) {
                 Some(Token::Signal) => match signals.read_signal() {
+                    Ok(Some(info)) if info.ssi_signo == Signal::SIGUSR1 as u32 => {
+                        lp.log_state();
+                        None
+                    }
                     Ok(Some(info)) => {
                         log::info!("received signal {}, exiting", info.ssi_signo);
                         Some(Exit::Signal(info.ssi_signo as i32))
@@ -473,6 +537,12 @@ pub fn run(
             if let Some(exit) = exit {
                 return Ok(exit);
             }
+        }
+        if n > 0 {
+            lp.watch.activity(now);
+        }
+        if lp.watch.due(now) {
+            lp.watchdog(now);
         }
         // Timers before the flush, so what they send leaves with this batch.
         if now.duration_since(last_periodic) >= PERIODIC {
@@ -561,21 +631,62 @@ impl Loop {
                 log::debug!("vhost-user counters: {:?}", dev.stats());
             }
         }
-        log::debug!("engine counters: {:?}", self.engine.stats());
-        if let Some(icmp) = self.engine.icmp_stats() {
-            log::debug!("icmp counters: {icmp:?}");
-        }
-        if let Some(tcp) = self.engine.tcp_stats() {
-            log::debug!("tcp counters: {tcp:?}");
-        }
-        if let Some(udp) = self.engine.udp_stats() {
-            log::debug!("udp counters: {udp:?}");
-        }
+        self.log_engine_state(log::Level::Debug);
         if self.exit_when_gone {
             return Some(Exit::ClientGone);
         }
         log::info!("client disconnected, waiting for the next one");
         None
+    }
+
+    /// Runs the vhost-user device's watchdog (see [`crate::virtio`], "Lost notifications").
+    fn watchdog(&mut self, now: Instant) {
+        let Link::Vhost { dev, .. } = &mut self.link else {
+            return;
+        };
+        if dev.is_connected() && dev.watchdog(&mut self.engine) {
+            // Something to confirm at the next check: keep checking often.
+            self.watch.activity(now);
+        }
+        self.watch.ran(now);
+    }
+
+    /// The engine's counters, at `level`.
+    fn log_engine_state(&self, level: log::Level) {
+        log::log!(level, "engine counters: {:?}", self.engine.stats());
+        if let Some(icmp) = self.engine.icmp_stats() {
+            log::log!(level, "icmp counters: {icmp:?}");
+        }
+        if let Some(tcp) = self.engine.tcp_stats() {
+            log::log!(level, "tcp counters: {tcp:?}");
+        }
+        if let Some(udp) = self.engine.udp_stats() {
+            let muted = self.engine.udp_muted_flows().unwrap_or(0);
+            log::log!(
+                level,
+                "udp counters: {udp:?}, {muted} flows waiting for room"
+            );
+        }
+    }
+
+    /// SIGUSR1: everything we count and where the guest link stands, logged without
+    /// changing anything, to see why traffic stalls while it stalls.
+    fn log_state(&self) {
+        match &self.link {
+            Link::Stream { tap: Some(t), .. } => {
+                log::info!("stream counters: {:?}", t.stats());
+            }
+            Link::Stream { tap: None, .. } => log::info!("no client connected"),
+            Link::Vhost { dev, .. } => {
+                log::info!("vhost-user counters: {:?}", dev.stats());
+                let (rx, tx) = dev.snapshot();
+                log::info!("vhost-user RX queue: {rx:?}");
+                log::info!("vhost-user TX ring: {tx:?}");
+            }
+        }
+        self.log_engine_state(log::Level::Info);
+        // A marker for whoever waits on the log (the end-to-end tests do).
+        log::info!("end of state dump");
     }
 
     fn stream_ready(&mut self, flags: epoll::Events) -> Option<Exit> {
@@ -693,6 +804,29 @@ impl Loop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watchdog_runs_often_only_around_traffic() {
+        let t0 = Instant::now();
+        let mut w = WatchSchedule::new(true, t0);
+        assert!(!w.due(t0));
+        assert_eq!(w.next_in(t0), WATCHDOG_INTERVAL);
+        let t1 = t0 + WATCHDOG_INTERVAL;
+        assert!(w.due(t1));
+        w.ran(t1);
+        // Quiet for longer than the linger: back to the housekeeping period.
+        let t2 = t0 + WATCH_LINGER;
+        assert_eq!(w.next_in(t2), Duration::ZERO, "overdue at the old pace");
+        w.ran(t2);
+        assert_eq!(w.next_in(t2), PERIODIC);
+        assert!(!w.due(t2 + WATCHDOG_INTERVAL));
+        w.activity(t2 + WATCHDOG_INTERVAL);
+        assert!(w.due(t2 + WATCHDOG_INTERVAL));
+        // Stream mode: never.
+        let s = WatchSchedule::new(false, t0);
+        assert!(!s.due(t0 + PERIODIC * 10));
+        assert_eq!(s.next_in(t0), Duration::MAX);
+    }
 
     #[test]
     fn tokens_round_trip() {

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use common::checks::{guest_sha256, sha256};
 use common::guest::CMD_TIMEOUT;
 use common::netns::*;
-use common::output::Collector;
 use common::tcp_guest::{pattern, socat_in};
 use common::Mode;
 
@@ -42,26 +41,6 @@ fn flow_balance(log: &str) -> (usize, usize) {
     (opened, freed)
 }
 
-/// passt's debug log, as it is written: `-l` names a FIFO we read, so waits on the log are
-/// woken by each line instead of polling a file.
-fn debug_log(topo: &Topology) -> (String, Collector) {
-    let fifo = topo.dir().join("passt-debug.fifo");
-    nix::unistd::mkfifo(
-        &fifo,
-        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
-    )
-    .expect("mkfifo");
-    // Read and write: opening doesn't wait for a writer, and reads never see end of file.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&fifo)
-        .expect("open fifo");
-    let log = Collector::new(None);
-    log.attach(f);
-    (fifo.to_str().expect("utf-8 path").to_string(), log)
-}
-
 #[test]
 fn stream_inbound_forwarding_and_host_loopback() {
     forwarding(Mode::Stream);
@@ -83,7 +62,7 @@ fn forwarding(mode: Mode) {
     let big = www.join("big");
     std::fs::write(&big, pattern(THROUGHPUT_SIZE, 2)).unwrap();
     let big_sum = sha256(&big);
-    let (debug_log_arg, debug_log) = debug_log(&topo);
+    let (debug_log_arg, debug_log) = common::passt::log_fifo(&topo, "passt-debug");
 
     let (passt, mut guest) = common::passt_and_guest(
         &topo,

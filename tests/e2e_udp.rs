@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::guest::{Guest, CMD_TIMEOUT};
 use common::netns::*;
 use common::output::Collector;
+use common::passt::Passt;
 use common::Mode;
 
 /// The address the guest is told to use as its DNS server, mapped by passt-rs to the
@@ -21,6 +22,10 @@ use common::Mode;
 const DNS_FORWARD: &str = "192.0.2.53";
 const DATAGRAMS: u32 = 10_000;
 const BIG_DATAGRAMS: u32 = 500;
+
+/// What the guest knows when datagrams stop reaching it.
+const GUEST_STATE: &str = "grep -i virtio /proc/interrupts; ip -s link show eth0; \
+    grep -E '^Udp6?' /proc/net/snmp /proc/net/snmp6; dmesg | tail -20";
 
 fn gtool() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/gtool/release/gtool")
@@ -52,6 +57,15 @@ fn wait_ipv6(guest: &mut Guest) {
     assert_eq!(status, 0, "no SLAAC address:\n{seen}");
 }
 
+/// Runs `cmd` in the guest; if it hangs, fails with passt's state (its `-l` log is `log`).
+fn guest_exchange(guest: &mut Guest, passt: &Passt, log: &Collector, cmd: &str) -> String {
+    match guest.try_run(cmd, CMD_TIMEOUT) {
+        Ok((0, out)) => out,
+        Ok((status, out)) => guest.fail(&format!("{cmd} exited {status}: {out}")),
+        Err(why) => guest.fail(&format!("{why}\n{}", passt.state(log))),
+    }
+}
+
 fn dns_and_datagrams(mode: Mode) {
     let _serial = common::serial();
     let topo = Topology::new();
@@ -69,10 +83,19 @@ fn dns_and_datagrams(mode: Mode) {
     let echo4 = peer_gtool(&topo, &["udp-echo", &format!("{REMOTE_V4}:7777")]);
     let echo6 = peer_gtool(&topo, &["udp-echo", &format!("[{REMOTE_V6}]:7777")]);
 
+    // Info level is enough: on a failure, the state dump (SIGUSR1) says where it stalled.
+    let (log_arg, log) = common::passt::log_fifo(&topo, "passt-info");
     let (passt, mut guest) = common::passt_and_guest(
         &topo,
         mode,
-        &["--dns-forward", DNS_FORWARD, "-u", "5353:53"],
+        &[
+            "--dns-forward",
+            DNS_FORWARD,
+            "-u",
+            "5353:53",
+            "-l",
+            &log_arg,
+        ],
     );
     let out = guest.run_ok("udhcpc -i eth0 -n -q -f 2>&1");
     assert!(out.contains(&format!("ip={HOST_V4}")), "udhcpc: {out}");
@@ -90,12 +113,13 @@ fn dns_and_datagrams(mode: Mode) {
     wait_ipv6(&mut guest);
     for dst in [format!("{REMOTE_V4}:7777"), format!("[{REMOTE_V6}]:7777")] {
         let started = Instant::now();
-        let out = guest.run_ok(&format!("gtool udp-exchange {dst} {DATAGRAMS} 200 64"));
+        let cmd = format!("gtool udp-exchange {dst} {DATAGRAMS} 200 64");
+        let out = guest_exchange(&mut guest, &passt, &log, &cmd);
         eprintln!("{mode:?} {dst}: {} in {:?}", out.trim(), started.elapsed());
         assert!(
             out.contains(&format!("sent={DATAGRAMS} received={DATAGRAMS} lost=0")),
             "{mode:?} {dst}: {out}\n{}",
-            passt.log()
+            passt.state(&log)
         );
     }
 
@@ -116,25 +140,28 @@ fn dns_and_datagrams(mode: Mode) {
             topo.peer_ok(&cmd)
         };
         eprintln!("{mode:?} {side} -> guest via {dst}: {}", out.trim());
-        assert!(
-            out.contains(&format!("sent={DATAGRAMS} received={DATAGRAMS} lost=0")),
-            "{mode:?} {side} -> {dst}: {out}\n{}",
-            passt.log()
-        );
+        if !out.contains(&format!("sent={DATAGRAMS} received={DATAGRAMS} lost=0")) {
+            // Both sides' view of the stall: passt's queues, the guest's interrupts and
+            // counters (its shell is idle, waiting on us).
+            let state = passt.state(&log);
+            let (_, seen) = guest.run(GUEST_STATE, CMD_TIMEOUT);
+            panic!("{mode:?} {side} -> {dst}: {out}\n{state}\nguest:\n{seen}");
+        }
     }
     // Datagrams larger than the guest's receive buffers (Linux posts 1.5 to 4 KiB each):
     // each echo spreads over several buffers, in batches. Last: Linux then sizes its
     // buffers for them (4 KiB), which for small datagrams makes its socket buffers hold
     // fewer than the exchanges above keep in flight. A few at a time, for the same reason.
     let dst = format!("{REMOTE_V4}:7777");
-    let out = guest.run_ok(&format!("gtool udp-exchange {dst} {BIG_DATAGRAMS} 20000 4"));
+    let cmd = format!("gtool udp-exchange {dst} {BIG_DATAGRAMS} 20000 4");
+    let out = guest_exchange(&mut guest, &passt, &log, &cmd);
     eprintln!("{mode:?} {dst}, 20000 bytes: {}", out.trim());
     assert!(
         out.contains(&format!(
             "sent={BIG_DATAGRAMS} received={BIG_DATAGRAMS} lost=0"
         )),
         "{mode:?} {dst}, 20000 bytes: {out}\n{}",
-        passt.log()
+        passt.state(&log)
     );
 
     assert!(passt.running(), "passt exited:\n{}", passt.log());

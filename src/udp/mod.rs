@@ -265,6 +265,11 @@ impl Udp {
         self.stats
     }
 
+    /// Flows not reading their sockets until room towards the guest returns.
+    pub fn muted_flows(&self) -> usize {
+        self.muted
+    }
+
     pub fn active_flows(&self) -> usize {
         self.flows.len()
     }

@@ -29,6 +29,22 @@
 //! restarts it. Nothing here panics on guest input.
 //!
 //! Ring 0 is RX (`receiveq1`), ring 1 is TX (`transmitq1`). No control queue, one pair.
+//!
+//! ## Lost notifications
+//!
+//! Both notification tests are a store-buffer handshake: each side writes its index, then
+//! a full barrier, then reads the other side's event field. If either side's barrier is
+//! missing, both can read the old value and each decide the other needs no notification:
+//! the guest waits for an interrupt we never send, or we wait for a kick it never sends.
+//! QEMU before 8.1 elides a TCG guest's barriers when it has one vCPU (QEMU commit
+//! c914d46d0a, "tcg: Do not elide memory barriers for !CF_PARALLEL in system mode"), which
+//! is what Debian 12 ships, and the store-load reordering then happens on x86 hosts too,
+//! once in a few million notifications. As nothing on our side can restore the guest's
+//! barrier, the device's watchdog ([`Vring::reinterrupt_if_waiting`],
+//! [`Vring::avail_moved`], run every 100 ms while there is traffic) looks for the
+//! aftermath instead: a driver still asking, across two checks, for an interrupt at an index
+//! we already published past, or buffers made available without a kick. Either is acted on
+//! as if the notification had arrived, and counted.
 
 pub mod chain;
 pub mod rx;
@@ -45,7 +61,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use chain::{ChainError, ChainErrors};
-pub use rx::{RxQueue, RxStats};
+pub use rx::{RxQueue, RxSnapshot, RxStats};
 pub use tx::{TxQueue, TxStats};
 
 /// Index of a virtqueue of this device.
@@ -164,6 +180,11 @@ pub struct Vring {
     event_idx: bool,
     broken: bool,
     log: LogLimit,
+    /// The driver's `used_event` at the last [`Vring::reinterrupt_if_waiting`], if it named
+    /// an index we had published past.
+    waiting_at: Twice<u16>,
+    /// The available index [`Vring::arm_for_new_buffers`] asked to be kicked past.
+    armed_at: Option<u16>,
 }
 
 const USED_RING_HEADER: u64 = 4;
@@ -190,6 +211,8 @@ impl Vring {
             event_idx: false,
             broken: false,
             log: LogLimit::default(),
+            waiting_at: Twice::default(),
+            armed_at: None,
         }
     }
 
@@ -245,6 +268,8 @@ impl Vring {
         self.published = used_idx;
         self.event_idx = event_idx;
         self.broken = false;
+        self.waiting_at = Twice::default();
+        self.armed_at = None;
         self.mem = Some(mem);
         Ok(())
     }
@@ -377,10 +402,73 @@ impl Vring {
         }
         self.published = new;
         if self.needs_interrupt(mem, old, new) {
-            if let Some(call) = self.call.as_mut() {
-                let _ = call.write(&1u64.to_ne_bytes());
-            }
+            self.interrupt();
         }
+    }
+
+    fn interrupt(&mut self) {
+        if let Some(call) = self.call.as_mut() {
+            let _ = call.write(&1u64.to_ne_bytes());
+        }
+    }
+
+    /// Interrupts the driver again if it still waits for an interrupt we decided it didn't
+    /// need (see "Lost notifications" in the module documentation): its `used_event` names
+    /// an index we have published past, as it did at the previous call. A driver caught
+    /// between publication and its interrupt handler would have moved on by then; one
+    /// polling the ring with interrupts off gets one spare interrupt, which it ignores.
+    /// Returns whether it interrupted. Only with EVENT_IDX: without it, nothing tells what
+    /// the driver has seen.
+    pub(crate) fn reinterrupt_if_waiting(&mut self) -> bool {
+        let used_event = match self.mem.as_ref() {
+            Some(mem) if self.event_idx && !self.broken => {
+                let addr = GuestAddress(self.queue.avail_ring()).unchecked_add(
+                    AVAIL_RING_HEADER + AVAIL_ELEM_SIZE * u64::from(self.queue.size()),
+                );
+                mem.load::<u16>(addr, Ordering::Acquire)
+                    .ok()
+                    .map(u16::from_le)
+            }
+            _ => None,
+        };
+        let passed = used_event.filter(|&e| {
+            let ahead = (self.published - Wrapping(e)).0;
+            (1..=self.queue.size()).contains(&ahead)
+        });
+        let missed = self.waiting_at.seen(passed);
+        if missed {
+            self.interrupt();
+        }
+        missed
+    }
+
+    /// Whether the driver made buffers available beyond `since` (see "Lost notifications"
+    /// in the module documentation: no kick may come for them).
+    fn avail_past(&self, since: u16) -> bool {
+        match self.mem.as_ref() {
+            Some(mem) if !self.broken => self
+                .queue
+                .avail_idx(mem, Ordering::Acquire)
+                .is_ok_and(|i| i.0 != since),
+            _ => false,
+        }
+    }
+
+    /// Whether chains wait that we haven't read (TX: a kick may be lost).
+    pub(crate) fn avail_moved(&self) -> bool {
+        self.avail_past(self.queue.next_avail())
+    }
+
+    /// Whether buffers were added since the last [`Vring::arm_for_new_buffers`] (RX: its
+    /// kick may be lost).
+    pub(crate) fn avail_moved_since_armed(&self) -> bool {
+        self.armed_at.is_some_and(|a| self.avail_past(a))
+    }
+
+    /// Whether the last [`Vring::reinterrupt_if_waiting`] found the driver waiting for an
+    /// interrupt at an index we passed (the next call decides whether it missed it).
+    pub(crate) fn driver_behind(&self) -> bool {
+        self.waiting_at.pending()
     }
 
     /// virtio 1.2, 2.7.10: with EVENT_IDX, interrupt iff `used_event` lies in `[old, new)`;
@@ -439,6 +527,7 @@ impl Vring {
         let Ok(before) = self.queue.avail_idx(mem, Ordering::Acquire) else {
             return false;
         };
+        self.armed_at = Some(before.0);
         let ok = if self.event_idx {
             let addr = GuestAddress(self.queue.used_ring())
                 .unchecked_add(USED_RING_HEADER + USED_ELEM_SIZE * u64::from(self.queue.size()));
@@ -463,6 +552,75 @@ impl Vring {
     /// Guest memory, while running.
     pub(crate) fn mem(&self) -> Option<&GuestMemoryMmap> {
         self.mem.as_ref()
+    }
+
+    /// Both sides' indices and event fields as they are now, for a state dump.
+    pub fn snapshot(&self) -> RingSnapshot {
+        let mut snap = RingSnapshot {
+            running: self.is_running(),
+            next_avail: self.queue.next_avail(),
+            next_used: self.next_used.0,
+            published: self.published.0,
+            ..RingSnapshot::default()
+        };
+        let Some(mem) = self.mem.as_ref() else {
+            return snap;
+        };
+        let size = u64::from(self.queue.size());
+        let avail = GuestAddress(self.queue.avail_ring());
+        let used = GuestAddress(self.queue.used_ring());
+        let load = |a: GuestAddress| mem.load::<u16>(a, Ordering::Acquire).ok().map(u16::from_le);
+        snap.avail_idx = load(avail.unchecked_add(2));
+        snap.avail_flags = load(avail);
+        snap.used_event = load(avail.unchecked_add(AVAIL_RING_HEADER + AVAIL_ELEM_SIZE * size));
+        snap.used_flags = load(used);
+        snap.avail_event = load(used.unchecked_add(USED_RING_HEADER + USED_ELEM_SIZE * size));
+        snap
+    }
+}
+
+/// A ring's state, read without changing it ([`Vring::snapshot`]). Guest-side fields are
+/// `None` while the ring is stopped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RingSnapshot {
+    pub running: bool,
+    /// Our next read of the available ring.
+    pub next_avail: u16,
+    /// Our next used slot (staged), and the used index the guest sees.
+    pub next_used: u16,
+    pub published: u16,
+    /// The driver's available index and flags, and `used_event` (EVENT_IDX).
+    pub avail_idx: Option<u16>,
+    pub avail_flags: Option<u16>,
+    pub used_event: Option<u16>,
+    /// Our used flags, and `avail_event` (EVENT_IDX).
+    pub used_flags: Option<u16>,
+    pub avail_event: Option<u16>,
+}
+
+/// A suspicion confirmed only when the same value is seen at two checks in a row: the
+/// watchdog's way to tell a lost notification from one still on its way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Twice<T>(Option<T>);
+
+impl<T> Default for Twice<T> {
+    fn default() -> Self {
+        Twice(None)
+    }
+}
+
+impl<T: PartialEq + Copy> Twice<T> {
+    /// Records this check's value (`None`: nothing suspicious); `true` if it repeats the
+    /// last one, which then starts over.
+    pub(crate) fn seen(&mut self, now: Option<T>) -> bool {
+        let again = now.is_some() && now == self.0;
+        self.0 = if again { None } else { now };
+        again
+    }
+
+    /// Whether the last check saw something (the next may confirm it).
+    pub(crate) fn pending(&self) -> bool {
+        self.0.is_some()
     }
 }
 
@@ -822,6 +980,62 @@ mod tests {
             let fired = take(&mut call_rx);
             assert_eq!(fired, u64::from(i == 2), "element {i}");
         }
+    }
+
+    /// The driver's `used_event` store reaches memory only after our publication read the
+    /// old value (a barrier missing on its side): the watchdog interrupts at its second look.
+    #[test]
+    fn interrupt_the_driver_missed_is_sent_again() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (call, mut call_rx) = eventfd();
+        let mut r = Vring::new(256);
+        r.start(mem.clone(), &d.config(), true).expect("start");
+        r.set_call(Some(call));
+        let mut segs = chain::Segments::with_capacity(8);
+        let mut publish = |r: &mut Vring, d: &mut Driver| {
+            d.rx_buf(64);
+            let Pop::Chain { head, .. } = r.pop(&mut segs, true) else {
+                panic!("a chain")
+            };
+            r.stage_used(head, 0);
+            r.publish();
+        };
+        // Caught up (used_event = used index): nothing to do, however often we look.
+        d.set_used_event(0);
+        for _ in 0..3 {
+            assert!(!r.reinterrupt_if_waiting());
+            assert!(!r.driver_behind());
+        }
+        // Published while the driver's new used_event (0) was still in its store buffer:
+        // we saw the old one (100) and sent nothing.
+        d.set_used_event(100);
+        publish(&mut r, &mut d);
+        publish(&mut r, &mut d);
+        assert_eq!(take(&mut call_rx), 0);
+        d.set_used_event(0);
+        assert!(
+            !r.reinterrupt_if_waiting(),
+            "first sighting: maybe on its way"
+        );
+        assert!(r.driver_behind());
+        assert_eq!(take(&mut call_rx), 0);
+        assert!(r.reinterrupt_if_waiting(), "still waiting: missed");
+        assert_eq!(take(&mut call_rx), 1);
+        // It caught up meanwhile: no more.
+        d.set_used_event(2);
+        assert!(!r.reinterrupt_if_waiting());
+        assert!(!r.reinterrupt_if_waiting());
+        assert_eq!(take(&mut call_rx), 0);
+        // A driver that moves between looks is on its way, not stuck.
+        publish(&mut r, &mut d);
+        publish(&mut r, &mut d);
+        take(&mut call_rx);
+        d.set_used_event(2);
+        assert!(!r.reinterrupt_if_waiting());
+        d.set_used_event(3);
+        assert!(!r.reinterrupt_if_waiting());
+        assert_eq!(take(&mut call_rx), 0);
     }
 
     #[test]

@@ -94,6 +94,10 @@ pub struct RxStats {
     /// Buffers returned empty because a malformed chain after them kept us from giving
     /// them back unused.
     pub returned_empty: u64,
+    /// Lost notifications found by the watchdog (see "Lost notifications" in
+    /// [`crate::virtio`]): buffers added without a kick, and interrupts sent again.
+    pub late_kicks: u64,
+    pub late_interrupts: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -196,6 +200,17 @@ impl Batch {
     }
 }
 
+/// [`RxQueue::snapshot`]: the ring and our waiting-for-room state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RxSnapshot {
+    pub ring: super::RingSnapshot,
+    pub enabled: bool,
+    pub armed: bool,
+    pub starved: bool,
+    pub room: bool,
+    pub pending: usize,
+}
+
 /// Frames waiting for guest buffers: FIFO, fixed storage.
 #[derive(Debug)]
 struct Pending {
@@ -218,6 +233,8 @@ pub struct RxQueue {
     starved: bool,
     /// Room came back since `starved` was set.
     room: bool,
+    /// The watchdog found buffers added since we armed, no kick yet (at `next_avail`).
+    kick_due: super::Twice<u16>,
 }
 
 impl RxQueue {
@@ -242,6 +259,7 @@ impl RxQueue {
             armed: false,
             starved: false,
             room: false,
+            kick_due: super::Twice::default(),
         }
     }
 
@@ -297,6 +315,18 @@ impl RxQueue {
         &self.rx.stats
     }
 
+    /// Where the queue stands, for a state dump.
+    pub fn snapshot(&self) -> RxSnapshot {
+        RxSnapshot {
+            ring: self.rx.ring.snapshot(),
+            enabled: self.enabled,
+            armed: self.armed,
+            starved: self.starved,
+            room: self.room,
+            pending: self.pending.frames.len(),
+        }
+    }
+
     /// The guest added RX buffers: send what waits, and publish. If in-place frames were
     /// refused meanwhile and nothing waits any more, [`ToGuest::room_returned`] now holds.
     pub fn handle_kick(&mut self) {
@@ -310,6 +340,28 @@ impl RxQueue {
             }
         }
         self.flush();
+    }
+
+    /// Looks for lost notifications (see "Lost notifications" in [`crate::virtio`]): a kick
+    /// for buffers we wait for, an interrupt for frames we published. Returns whether the
+    /// queue still has something to watch: it waits for buffers, or the driver hasn't
+    /// caught up with what we published.
+    pub fn watchdog(&mut self) -> bool {
+        if !self.rx.ring.is_running() {
+            return false;
+        }
+        let unkicked = self.armed && self.rx.ring.avail_moved_since_armed();
+        if self
+            .kick_due
+            .seen(unkicked.then_some(self.rx.ring.next_avail()))
+        {
+            self.rx.stats.late_kicks += 1;
+            self.handle_kick();
+        }
+        if self.rx.ring.reinterrupt_if_waiting() {
+            self.rx.stats.late_interrupts += 1;
+        }
+        self.armed || self.kick_due.pending() || self.rx.ring.driver_behind()
     }
 
     /// Notes a refused in-place frame and asks for a kick on the next buffer. `true` if
@@ -1536,6 +1588,28 @@ mod tests {
         assert_eq!(read_frame(&d, &bufs, 0), (f, 3));
         assert_eq!(read_frame(&d, &bufs, 3).0[..100], g[..]);
         assert_eq!(rx.stats().deferred, 2);
+    }
+
+    /// Buffers added while a frame waits, and the driver read our `avail_event` too early
+    /// to kick: the watchdog delivers at its second look.
+    #[test]
+    fn buffers_added_without_a_kick_are_found_by_the_watchdog() {
+        let mem = memory();
+        let mut d = Driver::new(&mem);
+        let (mut rx, _call) = started(&mem, &d, mrg(true));
+        assert!(!rx.watchdog(), "nothing to watch");
+        let f = frame(100, 1);
+        assert!(rx.send(&[&f]));
+        assert!(rx.has_pending());
+        assert!(rx.watchdog(), "waits for buffers");
+        let bufs = vec![d.rx_buf(1024)];
+        assert!(rx.watchdog(), "first sighting: the kick may be on its way");
+        assert!(rx.has_pending());
+        rx.watchdog();
+        assert!(!rx.has_pending(), "second: delivered as if kicked");
+        assert_eq!(rx.stats().late_kicks, 1);
+        rx.flush();
+        assert_eq!(read_frame(&d, &bufs, 0).0[..100], f[..]);
     }
 
     #[test]

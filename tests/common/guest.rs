@@ -362,6 +362,13 @@ impl Guest {
     /// stderr interleaved, `\n` line ends). Panics with the transcript on timeout. `cmd` may
     /// span lines but must be complete (no open quote or block).
     pub fn run(&mut self, cmd: &str, timeout: Duration) -> (i32, String) {
+        self.try_run(cmd, timeout)
+            .unwrap_or_else(|why| self.fail(&why))
+    }
+
+    /// [`Guest::run`], but a command that doesn't finish in time is the caller's to report
+    /// (with what it knows of the other side): `Err` says what timed out.
+    pub fn try_run(&mut self, cmd: &str, timeout: Duration) -> Result<(i32, String), String> {
         self.marker += 1;
         let tag = format!("@@END-{} ", self.marker);
         let from = self.console.len();
@@ -379,9 +386,9 @@ impl Guest {
             Ok((at, end, status)) => {
                 self.cursor = from + end;
                 let text = self.console.text();
-                (status, text[from..from + at].to_string())
+                Ok((status, text[from..from + at].to_string()))
             }
-            Err(e) => self.fail(&format!(
+            Err(e) => Err(format!(
                 "command {cmd:?} did not finish ({e:?}) within {timeout:?}"
             )),
         }

@@ -226,7 +226,52 @@ fn wait_child(mut child: Child, deadline: Instant) -> Option<std::process::ExitS
     }
 }
 
+/// passt's log as it is written: `-l` names a FIFO (`<topo.dir()>/<name>.fifo`) that we
+/// read, so waits on the log are woken by each line instead of polling a file. Returns the
+/// `-l` argument and the collected text.
+pub fn log_fifo(topo: &Topology, name: &str) -> (String, Collector) {
+    let fifo = topo.dir().join(format!("{name}.fifo"));
+    nix::unistd::mkfifo(
+        &fifo,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .expect("mkfifo");
+    // Read and write: opening doesn't wait for a writer, and reads never see end of file.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .expect("open fifo");
+    let log = Collector::new(None);
+    log.attach(f);
+    (fifo.to_str().expect("utf-8 path").to_string(), log)
+}
+
 impl Passt {
+    /// Asks passt for its state (SIGUSR1: counters, guest queues) and returns what it
+    /// logged into `log`, the [`log_fifo`] it was started with: for failure messages, when
+    /// traffic stalled and the question is where.
+    pub fn state(&self, log: &Collector) -> String {
+        let from = log.len();
+        if !self.running() {
+            return "passt is not running".into();
+        }
+        self.signal(libc::SIGUSR1);
+        let done = log
+            .wait_for(
+                from,
+                "end of state dump",
+                Instant::now() + Duration::from_secs(10),
+            )
+            .map(|_| ());
+        let text = log.text();
+        let dump = text.get(from..).unwrap_or("");
+        match done {
+            Ok(()) => format!("passt state (SIGUSR1):\n{dump}"),
+            Err(e) => format!("passt state (SIGUSR1): incomplete ({e:?}):\n{dump}"),
+        }
+    }
+
     /// Sends `sig` to the passt process.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on the PID of a process we started; no memory is involved.
