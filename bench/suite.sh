@@ -175,10 +175,11 @@ except Exception as e:
 if j.get("error"):
     print("ERR " + j["error"].replace(",", ";")); sys.exit()
 e = j["end"]
-if "sum_received" in e:  # TCP
-    s = e["sum_received"]; print(s["bits_per_second"], 0, s["bytes"])
-else:                    # UDP: the receiver's view
-    s = e["sum"]; print(s["bits_per_second"], s.get("lost_percent", 0), s["bytes"])
+# The receiver's view. iperf3 3.12 gives UDP a sum_received too, so the protocol decides
+# (older versions have only "sum" for UDP).
+udp = j.get("start", {}).get("test_start", {}).get("protocol") == "UDP"
+s = e.get("sum_received") or e["sum"]
+print(s["bits_per_second"], s.get("lost_percent", 0) if udp else 0, s["bytes"])
 EOF
 }
 

@@ -40,9 +40,8 @@
 //! c914d46d0a, "tcg: Do not elide memory barriers for !CF_PARALLEL in system mode"), which
 //! is what Debian 12 ships, and the store-load reordering then happens on x86 hosts too,
 //! once in a few million notifications. As nothing on our side can restore the guest's
-//! barrier, the device's watchdog ([`Vring::reinterrupt_if_waiting`],
-//! [`Vring::avail_moved`], run every 100 ms while there is traffic) looks for the
-//! aftermath instead: a driver still asking, across two checks, for an interrupt at an index
+//! barrier, the device's watchdog ([`RxQueue::watchdog`], [`TxQueue::watchdog`], run every
+//! 100 ms while there is traffic) looks for the aftermath instead: a driver still asking, across two checks, for an interrupt at an index
 //! we already published past, or buffers made available without a kick. Either is acted on
 //! as if the notification had arrived, and counted.
 
