@@ -44,9 +44,12 @@ cols = [b for b in ORDER if b in backends] + sorted(backends - set(ORDER))
 
 
 def stats(v):
+    """Mean, the largest deviation from it and the range (max − min), both in % of it."""
     mean = sum(v) / len(v)
-    spread = (max(v) - min(v)) / mean * 100 if mean else 0.0
-    return mean, spread
+    if not mean:
+        return mean, 0.0, 0.0
+    dev = max(abs(x - mean) for x in v) / mean * 100
+    return mean, dev, (max(v) - min(v)) / mean * 100
 
 
 def median(v):
@@ -101,10 +104,10 @@ def title(case):
 def cell(b, m, c):
     key = (b, m, c)
     if key in vals:
-        mean, spread = stats(vals[key])
+        mean, dev, _ = stats(vals[key])
         n = len(vals[key])
         mark = "*" if busy(key) else ""
-        return (f"{fmt(mean)} ±{spread:.0f}%" if n > 1 else fmt(mean)) + mark
+        return (f"{fmt(mean)} ±{dev:.0f}%" if n > 1 else fmt(mean)) + mark
     for k in (key, (b, m, "attach")):
         if k in notes:
             why = notes[k]
@@ -117,7 +120,8 @@ lines.append(f"# passt-rs benchmark, {stamp}\n")
 lines.append("```")
 lines.append(open(machine).read().rstrip())
 lines.append("```\n")
-lines.append("Mean over repetitions, ±: spread (max−min)/mean. n/s: not supported by that "
+lines.append("Mean over repetitions, ±: the largest deviation of a repetition from that mean "
+             "(the range, max−min, is in summary.csv). n/s: not supported by that "
              "back-end (yet); err: the case failed; blank: not run for that back-end. "
              "Throughput in Mbit/s, rates per second, times in µs.\n")
 loads = [x for v in other.values() for x in v]
@@ -130,8 +134,8 @@ if loads:
 head = "| case | MTU | unit | " + " | ".join(cols) + " |"
 lines.append(head)
 lines.append("|" + "---|" * (3 + len(cols)))
-summary = [["case", "mtu", "unit", "backend", "mean", "median", "min", "max", "spread_pct", "n",
-            "cpu_s_per_gb", "other_cpu_max"]]
+summary = [["case", "mtu", "unit", "backend", "mean", "median", "min", "max", "dev_pct",
+            "range_pct", "n", "cpu_s_per_gb", "other_cpu_max"]]
 for c in CASES:
     for m in mtus_of(c):
         row = [cell(b, m, c) for b in cols]
@@ -141,11 +145,12 @@ for c in CASES:
         for b in cols:
             v = vals.get((b, m, c))
             if v:
-                mean, spread = stats(v)
+                mean, dev, rng = stats(v)
                 cs, by = cpu.get((b, m, c), (0, 0))
                 o = other.get((b, m, c))
                 summary.append([c, m, units.get(c, ""), b, f"{mean:.2f}", f"{median(v):.2f}",
-                                f"{min(v):.2f}", f"{max(v):.2f}", f"{spread:.1f}", len(v),
+                                f"{min(v):.2f}", f"{max(v):.2f}", f"{dev:.1f}", f"{rng:.1f}",
+                                len(v),
                                 f"{cs / by * 1e9:.2f}" if by else "",
                                 f"{max(o):.2f}" if o else ""])
 
