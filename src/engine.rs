@@ -684,8 +684,14 @@ mod tests {
     }
 
     /// Hands `frame` over split at 256 bytes, its tail in two pieces of which the last
-    /// `short` bytes are missing.
+    /// `short` bytes are missing, and ends the batch.
     fn split(e: &mut Engine, frame: &[u8], short: usize, sink: &mut Sink) {
+        hand_split(e, frame, short, sink);
+        e.end_batch(sink);
+    }
+
+    /// [`split`] without ending the batch.
+    fn hand_split(e: &mut Engine, frame: &[u8], short: usize, sink: &mut Sink) {
         let (head, tail) = frame.split_at(256);
         let (a, b) = tail.split_at(tail.len() / 2);
         let iov = [a, b].map(|p| libc::iovec {
@@ -697,7 +703,68 @@ mod tests {
             len: tail.len() - short,
         };
         e.handle_split_frame(head, tail, sink);
-        e.end_batch(sink);
+    }
+
+    /// A guest datagram from 192.0.2.2:5000 to the gateway at `dport`, as a frame (UDP
+    /// checksum zero, which IPv4 allows).
+    fn udp_frame(dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 8 + payload.len()];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let ip_len = (f.len() - 14) as u16;
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&ip_len.to_be_bytes());
+        f[22] = 64;
+        f[23] = 17;
+        f[26..30].copy_from_slice(&[192, 0, 2, 2]);
+        f[30..34].copy_from_slice(&[192, 0, 2, 1]);
+        Ipv4Packet::new_unchecked(&mut f[14..34]).fill_checksum();
+        f[34..36].copy_from_slice(&5000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&dport.to_be_bytes());
+        f[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
+        f[42..].copy_from_slice(payload);
+        f
+    }
+
+    /// Two split datagrams in one batch: both copied whole into the batch's arena, the
+    /// first still waiting there for the batch's `sendmmsg` while the second is copied. A
+    /// server on the loopback (the gateway's mapping) gets both intact, in order.
+    #[test]
+    fn split_udp_frames_of_one_batch_keep_their_payloads() {
+        let epoll_fd = epoll::create(true).expect("epoll");
+        let mut e =
+            Engine::new(engine().net, false, EpollRegistrar { epoll_fd }).with_udp(UdpConfig {
+                idle_timeout: std::time::Duration::from_secs(180),
+                nat: crate::conf::Nat::default(),
+                // The gateway is the host's loopback: nothing leaves this machine.
+                fwd_nat: crate::fwd::Nat {
+                    map_host_loopback4: Some("192.0.2.1".parse().unwrap()),
+                    ..crate::fwd::Nat::default()
+                },
+            });
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let port = server.local_addr().unwrap().port();
+        let payloads: Vec<Vec<u8>> = (0..2u8)
+            .map(|k| (0..1000).map(|i| (i as u8).wrapping_mul(3) ^ k).collect())
+            .collect();
+        let mut sink = Sink(Vec::new());
+        for p in &payloads {
+            hand_split(&mut e, &udp_frame(port, p), 0, &mut sink);
+        }
+        assert_eq!(e.udp_stats().unwrap().flows_opened, 1);
+        e.end_batch(&mut sink);
+        let mut buf = [0u8; 2000];
+        for p in &payloads {
+            let n = server
+                .recv(&mut buf)
+                .unwrap_or_else(|err| panic!("{err}: {:?}", e.udp_stats()));
+            assert_eq!(&buf[..n], &p[..]);
+        }
+        drop(e);
+        // SAFETY: the epoll fd created above, used by nothing else any more.
+        unsafe { libc::close(epoll_fd) };
     }
 
     #[test]

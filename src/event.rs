@@ -248,8 +248,8 @@ impl TimerFd {
 }
 
 /// Blocks the termination signals (and SIGUSR1, which asks for a state dump) and returns a
-/// signalfd that reports them. Must run before
-/// any thread is started, so that no thread takes them the default way.
+/// signalfd that reports them. Must run before any thread is started, so that no thread
+/// takes them the default way.
 pub fn signal_fd() -> Result<SignalFd, LoopError> {
     let mut mask = SigSet::empty();
     for s in [
@@ -465,7 +465,11 @@ pub fn run(
             .min(PERIODIC.saturating_sub(last_periodic.elapsed()));
         let n = match epoll::wait(
             lp.epoll.0.as_raw_fd(),
-            wait.as_millis().try_into().unwrap_or(i32::MAX),
+            // Rounded up: a wait that ends before the deadline would spin until it.
+            wait.as_micros()
+                .div_ceil(1000)
+                .try_into()
+                .unwrap_or(i32::MAX),
             &mut events,
         ) {
             Ok(n) => n,

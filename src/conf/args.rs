@@ -11,7 +11,12 @@ use clap::Parser;
 /// Translates the guest's Layer-2 frames to native Layer-4 sockets on the host, and answers
 /// ARP, DHCP, NDP and DHCPv6 itself, so that the guest gets the host's own address and routes.
 #[derive(Debug, Default, Parser)]
-#[command(name = "passt", disable_version_flag = true)]
+#[command(
+    name = "passt",
+    disable_version_flag = true,
+    after_help = "Signals: SIGTERM, SIGINT, SIGHUP and SIGQUIT end it; SIGUSR1 logs its \
+                  counters and, in vhost-user mode, the state of both rings."
+)]
 pub struct Args {
     /// UNIX domain socket path to listen on (default: first free /tmp/passt_N.socket)
     #[arg(

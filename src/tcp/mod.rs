@@ -588,14 +588,13 @@ impl<S: Socket> Tcp<S> {
             remote: (dst, repr.dst_port),
         };
         let found = self.table.lookup(&key);
+        // Plain data extends the run, or starts the next one once this one is sent.
         if let (Some(idx), Some((head, tail))) = (found, plain_data(&seg)) {
             if self.run.extends(idx, &seg) && self.run.has_room(&tail) {
                 self.run.push(idx, &seg, head, tail);
                 return;
             }
-        }
-        self.end_batch(now, macs, to_guest);
-        if let (Some(idx), Some((head, tail))) = (found, plain_data(&seg)) {
+            self.end_batch(now, macs, to_guest);
             if self
                 .table
                 .get(idx)
@@ -604,6 +603,8 @@ impl<S: Socket> Tcp<S> {
                 self.run.push(idx, &seg, head, tail);
                 return;
             }
+        } else {
+            self.end_batch(now, macs, to_guest);
         }
         match found {
             Some(idx) => {

@@ -111,7 +111,7 @@ use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use crate::conf::{Config, Nat};
 use crate::event::{Register, Token};
-use crate::flow::{FlowIdx, FlowKey, FlowTable};
+use crate::flow::{FlowIdx, FlowKey, FlowTable, InsertError};
 use crate::logger::Limiter;
 use crate::tap::{SendBatch, ToGuest, MAX_FRAME};
 use crate::wire;
@@ -476,17 +476,21 @@ impl Udp {
             ovfl: 0,
             ask: 1,
         };
-        let idx = self.flows.insert(key.flow_key(), flow).ok()?;
-        if let Err(e) = reg.add(fd, epoll::Events::EPOLLIN, Token::UdpSock(idx)) {
-            self.flows.remove(idx);
-            crate::limited!(
-                self.log_limit,
-                now,
-                warn,
-                "udp: can't watch a flow socket: {e}"
-            );
-            return None;
-        }
+        let idx = match self.flows.insert_watched(key.flow_key(), flow, |r| {
+            reg.add(fd, epoll::Events::EPOLLIN, Token::UdpSock(r.idx))
+        }) {
+            Ok(idx) => idx,
+            Err(InsertError::Refused(_)) => return None,
+            Err(InsertError::Unwatched(_, e)) => {
+                crate::limited!(
+                    self.log_limit,
+                    now,
+                    warn,
+                    "udp: can't watch a flow socket: {e}"
+                );
+                return None;
+            }
+        };
         self.stats.flows_opened += 1;
         log::debug!(
             "udp: flow {}: {} -> {} (host side {target})",
