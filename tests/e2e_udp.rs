@@ -165,6 +165,8 @@ fn dns_and_datagrams(mode: Mode) {
     );
 
     assert!(passt.running(), "passt exited:\n{}", passt.log());
+    // Its counters, for the record (--nocapture): drops, lost notifications made up for.
+    eprintln!("{mode:?}: {}", passt.state(&log));
     assert!(guest.poweroff(Duration::from_secs(30)));
     for mut server in [dns, echo4, echo6] {
         common::process::kill_child(&mut server);
