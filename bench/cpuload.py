@@ -4,7 +4,8 @@ with whatever else runs here, and a repetition measured while something else was
 not comparable. Usage: cpuload.py snap  (prints one line: a snapshot), cpuload.py since
 'SNAPSHOT' (prints the CPUs, on average, that processes outside the benchmark used since;
 "outside" = not in this user namespace, kernel threads excluded: they do our packets' work
-too)."""
+too; plus the time the hypervisor ran something else on our virtual CPUs, "steal" in
+/proc/stat, which no process here shows)."""
 
 import os
 import sys
@@ -38,6 +39,9 @@ def snap():
             ours += t
         else:
             others += t
+    with open("/proc/stat") as f:
+        # cpu user nice system idle iowait irq softirq steal ...
+        others += int(f.readline().split()[8])
     return f"{time.monotonic():.3f} {others}"
 
 
