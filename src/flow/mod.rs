@@ -35,6 +35,16 @@ pub enum InsertError<T> {
     Unwatched(T, std::io::Error),
 }
 
+impl<T> InsertError<T> {
+    /// Why registering the socket failed, if that was the reason.
+    pub fn watch_error(&self) -> Option<&std::io::Error> {
+        match self {
+            InsertError::Refused(_) => None,
+            InsertError::Unwatched(_, e) => Some(e),
+        }
+    }
+}
+
 /// A flow's slot in its table, carried in epoll tokens so a socket event names its flow
 /// without a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

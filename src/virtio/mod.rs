@@ -911,14 +911,20 @@ mod tests {
         assert!(r.is_running());
     }
 
+    /// A started ring of 256 over `d`'s rings, and the receiving end of its call eventfd.
+    fn started(mem: &GuestMemoryMmap, d: &Driver, event_idx: bool) -> (Vring, File) {
+        let (call, call_rx) = eventfd();
+        let mut r = Vring::new(256);
+        r.start(mem.clone(), &d.config(), event_idx).expect("start");
+        r.set_call(Some(call));
+        (r, call_rx)
+    }
+
     #[test]
     fn staged_elements_are_invisible_until_published() {
         let mem = memory();
         let mut d = Driver::new(&mem);
-        let (call, mut call_rx) = eventfd();
-        let mut r = Vring::new(256);
-        r.start(mem.clone(), &d.config(), false).expect("start");
-        r.set_call(Some(call));
+        let (mut r, mut call_rx) = started(&mem, &d, false);
         for _ in 0..3 {
             d.rx_buf(64);
         }
@@ -942,10 +948,7 @@ mod tests {
     fn no_interrupt_flag_is_honoured() {
         let mem = memory();
         let mut d = Driver::new(&mem);
-        let (call, mut call_rx) = eventfd();
-        let mut r = Vring::new(256);
-        r.start(mem.clone(), &d.config(), false).expect("start");
-        r.set_call(Some(call));
+        let (mut r, mut call_rx) = started(&mem, &d, false);
         d.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT as u16);
         d.rx_buf(64);
         let mut segs = chain::Segments::with_capacity(8);
@@ -962,10 +965,7 @@ mod tests {
     fn event_idx_interrupts_only_when_crossing_used_event() {
         let mem = memory();
         let mut d = Driver::new(&mem);
-        let (call, mut call_rx) = eventfd();
-        let mut r = Vring::new(256);
-        r.start(mem.clone(), &d.config(), true).expect("start");
-        r.set_call(Some(call));
+        let (mut r, mut call_rx) = started(&mem, &d, true);
         // Driver wants an interrupt once used->idx passes 2 (i.e. after the 3rd element).
         d.set_used_event(2);
         let mut segs = chain::Segments::with_capacity(8);
@@ -987,10 +987,7 @@ mod tests {
     fn interrupt_the_driver_missed_is_sent_again() {
         let mem = memory();
         let mut d = Driver::new(&mem);
-        let (call, mut call_rx) = eventfd();
-        let mut r = Vring::new(256);
-        r.start(mem.clone(), &d.config(), true).expect("start");
-        r.set_call(Some(call));
+        let (mut r, mut call_rx) = started(&mem, &d, true);
         let mut segs = chain::Segments::with_capacity(8);
         let mut publish = |r: &mut Vring, d: &mut Driver| {
             d.rx_buf(64);
