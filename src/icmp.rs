@@ -25,7 +25,7 @@ use nix::sys::socket::{
 use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use crate::event::{Register, Token};
-use crate::flow::{FlowIdx, FlowKey, FlowTable};
+use crate::flow::{FlowIdx, FlowKey, FlowTable, InsertError};
 use crate::logger::Limiter;
 use crate::tap::ToGuest;
 use crate::wire;
@@ -244,15 +244,14 @@ impl Icmp {
             reg.add(fd, epoll::Events::EPOLLIN, Token::IcmpSock(r.idx))
         }) {
             Ok(idx) => idx,
-            Err(refused) => {
-                if let Some(e) = refused.watch_error() {
-                    crate::limited!(
-                        self.log_limit,
-                        now,
-                        warn,
-                        "icmp: can't watch ping socket: {e}"
-                    );
-                }
+            Err(InsertError::Refused(_)) => return None,
+            Err(InsertError::Unwatched(_, e)) => {
+                crate::limited!(
+                    self.log_limit,
+                    now,
+                    warn,
+                    "icmp: can't watch ping socket: {e}"
+                );
                 return None;
             }
         };

@@ -36,16 +36,6 @@ pub enum InsertError<T> {
     Unwatched(T, std::io::Error),
 }
 
-impl<T> InsertError<T> {
-    /// Why registering the socket failed, if that was the reason.
-    pub fn watch_error(&self) -> Option<&std::io::Error> {
-        match self {
-            InsertError::Refused(_) => None,
-            InsertError::Unwatched(_, e) => Some(e),
-        }
-    }
-}
-
 /// A flow's slot in its table, carried in epoll tokens so a socket event names its flow
 /// without a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -97,8 +87,8 @@ pub struct FlowTable<T> {
     /// The slot [`FlowTable::lookup`] found last. A bulk transfer looks its flow up for
     /// every segment, and comparing one key costs less than hashing it (SipHash, kept for
     /// keys that guests and remote hosts choose, took 8 % of passt's user-space samples in
-    /// a TCP upload). Checked
-    /// against the slot's own key, so a removed or reused slot needs no invalidation.
+    /// a TCP upload). Checked against the slot's own key, so a removed or reused slot
+    /// needs no invalidation.
     last: Cell<u32>,
 }
 

@@ -111,7 +111,7 @@ use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use crate::conf::{Config, Nat};
 use crate::event::{Register, Token};
-use crate::flow::{FlowIdx, FlowKey, FlowTable};
+use crate::flow::{FlowIdx, FlowKey, FlowTable, InsertError};
 use crate::logger::Limiter;
 use crate::tap::{SendBatch, ToGuest, MAX_FRAME};
 use crate::wire;
@@ -480,15 +480,14 @@ impl Udp {
             reg.add(fd, epoll::Events::EPOLLIN, Token::UdpSock(r.idx))
         }) {
             Ok(idx) => idx,
-            Err(refused) => {
-                if let Some(e) = refused.watch_error() {
-                    crate::limited!(
-                        self.log_limit,
-                        now,
-                        warn,
-                        "udp: can't watch a flow socket: {e}"
-                    );
-                }
+            Err(InsertError::Refused(_)) => return None,
+            Err(InsertError::Unwatched(_, e)) => {
+                crate::limited!(
+                    self.log_limit,
+                    now,
+                    warn,
+                    "udp: can't watch a flow socket: {e}"
+                );
                 return None;
             }
         };

@@ -41,9 +41,10 @@
 //! is what Debian 12 ships, and the store-load reordering then happens on x86 hosts too,
 //! once in a few million notifications. As nothing on our side can restore the guest's
 //! barrier, the device's watchdog ([`RxQueue::watchdog`], [`TxQueue::watchdog`], run every
-//! 100 ms while there is traffic) looks for the aftermath instead: a driver still asking, across two checks, for an interrupt at an index
-//! we already published past, or buffers made available without a kick. Either is acted on
-//! as if the notification had arrived, and counted.
+//! 100 ms while there is traffic) looks for the aftermath instead: a driver still asking,
+//! across two checks, for an interrupt at an index we already published past, or buffers
+//! made available without a kick. Either is acted on as if the notification had arrived,
+//! and counted.
 
 pub mod chain;
 pub mod rx;
@@ -420,14 +421,10 @@ impl Vring {
     /// the driver has seen.
     pub(crate) fn reinterrupt_if_waiting(&mut self) -> bool {
         let used_event = match self.mem.as_ref() {
-            Some(mem) if self.event_idx && !self.broken => {
-                let addr = GuestAddress(self.queue.avail_ring()).unchecked_add(
-                    AVAIL_RING_HEADER + AVAIL_ELEM_SIZE * u64::from(self.queue.size()),
-                );
-                mem.load::<u16>(addr, Ordering::Acquire)
-                    .ok()
-                    .map(u16::from_le)
-            }
+            Some(mem) if self.event_idx && !self.broken => mem
+                .load::<u16>(self.used_event_addr(), Ordering::Acquire)
+                .ok()
+                .map(u16::from_le),
             _ => None,
         };
         let passed = used_event.filter(|&e| {
@@ -481,16 +478,13 @@ impl Vring {
         // Our used->idx store must be visible before we read the driver's suppression state,
         // or we could miss an interrupt the driver asked for in between.
         fence(Ordering::SeqCst);
-        let avail = GuestAddress(self.queue.avail_ring());
         if self.event_idx {
-            let addr = avail
-                .unchecked_add(AVAIL_RING_HEADER + AVAIL_ELEM_SIZE * u64::from(self.queue.size()));
-            match mem.load::<u16>(addr, Ordering::Relaxed) {
+            match mem.load::<u16>(self.used_event_addr(), Ordering::Relaxed) {
                 Ok(v) => need_event(Wrapping(u16::from_le(v)), new, old),
                 Err(_) => true,
             }
         } else {
-            match mem.load::<u16>(avail, Ordering::Relaxed) {
+            match mem.load::<u16>(GuestAddress(self.queue.avail_ring()), Ordering::Relaxed) {
                 Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
                 Err(_) => true,
             }
@@ -528,10 +522,12 @@ impl Vring {
         };
         self.armed_at = Some(before.0);
         let ok = if self.event_idx {
-            let addr = GuestAddress(self.queue.used_ring())
-                .unchecked_add(USED_RING_HEADER + USED_ELEM_SIZE * u64::from(self.queue.size()));
-            mem.store(u16::to_le(before.0), addr, Ordering::Relaxed)
-                .is_ok()
+            mem.store(
+                u16::to_le(before.0),
+                self.avail_event_addr(),
+                Ordering::Relaxed,
+            )
+            .is_ok()
         } else {
             mem.store(
                 0u16,
@@ -565,16 +561,26 @@ impl Vring {
         let Some(mem) = self.mem.as_ref() else {
             return snap;
         };
-        let size = u64::from(self.queue.size());
         let avail = GuestAddress(self.queue.avail_ring());
-        let used = GuestAddress(self.queue.used_ring());
         let load = |a: GuestAddress| mem.load::<u16>(a, Ordering::Acquire).ok().map(u16::from_le);
         snap.avail_idx = load(avail.unchecked_add(2));
         snap.avail_flags = load(avail);
-        snap.used_event = load(avail.unchecked_add(AVAIL_RING_HEADER + AVAIL_ELEM_SIZE * size));
-        snap.used_flags = load(used);
-        snap.avail_event = load(used.unchecked_add(USED_RING_HEADER + USED_ELEM_SIZE * size));
+        snap.used_event = load(self.used_event_addr());
+        snap.used_flags = load(GuestAddress(self.queue.used_ring()));
+        snap.avail_event = load(self.avail_event_addr());
         snap
+    }
+
+    /// `used_event` (EVENT_IDX): the driver's word after its available ring.
+    fn used_event_addr(&self) -> GuestAddress {
+        GuestAddress(self.queue.avail_ring())
+            .unchecked_add(AVAIL_RING_HEADER + AVAIL_ELEM_SIZE * u64::from(self.queue.size()))
+    }
+
+    /// `avail_event` (EVENT_IDX): our word after the used ring.
+    fn avail_event_addr(&self) -> GuestAddress {
+        GuestAddress(self.queue.used_ring())
+            .unchecked_add(USED_RING_HEADER + USED_ELEM_SIZE * u64::from(self.queue.size()))
     }
 }
 
