@@ -10,8 +10,8 @@ import sys
 from collections import OrderedDict, defaultdict
 
 raw, machine, outdir, stamp = sys.argv[1:5]
-ORDER = ["ref-loopback", "ref-veth", "passt-rs-vhost", "passt-rs-stream", "passt-debian",
-         "slirp4netns", "compare"]
+ORDER = ["ref-machine", "ref-loopback", "ref-veth", "passt-rs-vhost", "passt-rs-stream",
+         "passt-debian", "slirp4netns", "compare"]
 BASELINE = "passt-debian"
 # CPUs that processes outside the benchmark used during a repetition (bench/cpuload.py)
 # above which its cell is marked as measured on a busy machine.
@@ -74,7 +74,7 @@ def mtus_of(case):
 
 CASES = (["tcp_up_P1", "tcp_up_P4", "tcp_down_P1", "tcp_down_P4", "udp_up", "udp_up_loss",
           "udp_down", "udp_down_loss", "tcp_rr", "tcp_rr_lat", "tcp_crr", "tcp_crr_lat",
-          "icmp_rtt", "rss_idle"]
+          "icmp_rtt", "rss_idle", "memcpy"]
          + sorted({k[2] for k in list(vals) + list(notes) if k[2].startswith("flows_")}))
 TITLES = {
     "tcp_up_P1": "TCP guest→peer, 1 stream", "tcp_up_P4": "TCP guest→peer, 4 streams",
@@ -83,6 +83,7 @@ TITLES = {
     "udp_down": "UDP peer→guest", "udp_down_loss": "UDP peer→guest loss",
     "tcp_rr": "TCP_RR (1 B)", "tcp_rr_lat": "TCP_RR mean latency", "tcp_crr": "TCP_CRR",
     "tcp_crr_lat": "TCP_CRR mean time", "icmp_rtt": "ICMP echo RTT (middle half)", "rss_idle": "back-end RSS, idle",
+    "memcpy": "memory copy, 16 MiB blocks (the machine)",
 }
 
 
@@ -131,6 +132,11 @@ if loads:
                  f"average during the repetitions (max {max(loads):.2f}); *: a repetition of "
                  f"that cell ran while they used {BUSY} CPUs or more ({nbusy} of {len(vals)} "
                  "cells): its spread says more about the machine than about the back-end.\n")
+if len(vals.get(("ref-machine", "-", "memcpy"), [])) > 1:
+    mean, dev, _ = stats(vals[("ref-machine", "-", "memcpy")])
+    lines.append(f"The machine itself: copying memory ran at {fmt(mean)} GB/s ±{dev:.0f}% over "
+                 "the repetitions (ref-machine, measured in each). Throughput cells spread "
+                 "at least as much as the machine's own bandwidth does.\n")
 head = "| case | MTU | unit | " + " | ".join(cols) + " |"
 lines.append(head)
 lines.append("|" + "---|" * (3 + len(cols)))
@@ -154,26 +160,27 @@ for c in CASES:
                                 f"{cs / by * 1e9:.2f}" if by else "",
                                 f"{max(o):.2f}" if o else ""])
 
-# CPU per GB moved.
+# CPU per GB moved and ratios: back-ends only (the references have neither).
+be_cols = [b for b in cols if not b.startswith("ref-")]
 cpu_rows = []
 for c in CASES:
     if not c.startswith(("tcp_up", "tcp_down", "udp_up", "udp_down")) or c.endswith("loss"):
         continue
     for m in mtus_of(c):
         row = []
-        for b in cols:
+        for b in be_cols:
             cs, by = cpu.get((b, m, c), (0, 0))
             row.append(f"{cs / by * 1e9:.2f}" if by else "")
         if any(row):
             cpu_rows.append(f"| {title(c)} | {m} | " + " | ".join(row) + " |")
 if cpu_rows:
     lines.append("\n## Back-end CPU time per GB moved (user+system seconds)\n")
-    lines.append("| case | MTU | " + " | ".join(cols) + " |")
-    lines.append("|" + "---|" * (2 + len(cols)))
+    lines.append("| case | MTU | " + " | ".join(be_cols) + " |")
+    lines.append("|" + "---|" * (2 + len(be_cols)))
     lines += cpu_rows
 
 # Ratios to the baseline back-end.
-if BASELINE in cols:
+if BASELINE in be_cols:
     ratio_rows = []
     for c in ["tcp_up_P1", "tcp_up_P4", "tcp_down_P1", "tcp_down_P4", "udp_up", "udp_down",
               "tcp_rr", "tcp_crr"]:
@@ -183,14 +190,14 @@ if BASELINE in cols:
                 continue
             bm = stats(base)[0]
             row = []
-            for b in cols:
+            for b in be_cols:
                 v = vals.get((b, m, c))
                 row.append(f"{stats(v)[0] / bm:.2f}×" if v and bm else "")
             ratio_rows.append(f"| {title(c)} | {m} | " + " | ".join(row) + " |")
     if ratio_rows:
         lines.append(f"\n## Ratios to {BASELINE} (higher is better)\n")
-        lines.append("| case | MTU | " + " | ".join(cols) + " |")
-        lines.append("|" + "---|" * (2 + len(cols)))
+        lines.append("| case | MTU | " + " | ".join(be_cols) + " |")
+        lines.append("|" + "---|" * (2 + len(be_cols)))
         lines += ratio_rows
 
 reasons = sorted({(k[0], v) for k, v in notes.items()})

@@ -51,9 +51,10 @@ T0=$(date +%s)
 HZ=$(getconf CLK_TCK)
 
 if [ "$SMOKE" = 1 ]; then
-  DUR=1; UDUR=1; RRDUR=1; FLOWS="100"; PINGS=20
+  DUR=1; UDUR=1; RRDUR=1; FLOWS="100"; PINGS=20; MEMDUR=0.5
 else
   DUR=${DUR:-3}; UDUR=${UDUR:-2}; RRDUR=${RRDUR:-2}; FLOWS=${FLOWS:-"1000 10000"}; PINGS=200
+  MEMDUR=${MEMDUR:-2}
 fi
 FLOW_LIMIT=${FLOW_LIMIT:-20}
 BUSY_CPU=${BUSY_CPU:-0.25}; BUSY_RETRIES=${BUSY_RETRIES:-2}; BUSY_BUDGET=${BUSY_BUDGET:-60}
@@ -73,8 +74,9 @@ say() { printf '[%4ds] %s\n' $(( $(date +%s) - T0 )) "$*" >&2; }
 harness_error() { say "HARNESS ERROR: $*"; HARNESS_ERRORS=$((HARNESS_ERRORS + 1)); }
 # Raw result: backend,mtu,case,rep,value,unit,cpu_s,bytes,other_cpu (see measured).
 record() { echo "$1,$2,$3,$4,$5,$6,${7:-},${8:-},${OTHER:-}" >> "$CSV"; }
-# Unsupported marker: value empty, unit is the reason.
-unsupported() { echo "$1,$2,$3,,,unsupported: ${4//,/;},,," >> "$CSV"; }
+# Unsupported marker: value empty, unit is the reason. Once per run: a back-end's support is
+# decided in the first repetition, and later ones would only repeat it.
+unsupported() { [ "${REP:-1}" = 1 ] || return 0; echo "$1,$2,$3,,,unsupported: ${4//,/;},,," >> "$CSV"; }
 # measured KEY CMD...: runs a measurement and sets OTHER to the CPUs that processes outside
 # the benchmark took meanwhile (bench/cpuload.py): the machine is shared, and a repetition
 # measured beside someone's compile is not comparable. If they took BUSY_CPU or more, the
@@ -148,6 +150,9 @@ nsenter -t "$PEER" -n -- "${LAT[@]}" "$BIN/passt-rr" server --listen 0.0.0.0:128
 wait_for 5 listening 12865 || { harness_error "passt-rr server did not start"; exit 1; }
 
 # --- Measurements ---------------------------------------------------------------------------
+# Each case function measures repetition $REP only (its loop over "$REP" runs once): the
+# suite's outer loop is over repetitions (see the end), so a cell's repetitions lie minutes
+# apart rather than seconds.
 
 # One iperf3 run. $1: where the client runs (guest|host), $2: server address, rest: iperf3
 # options. Prints "bits_per_second lost_percent bytes" or an error line starting with "ERR".
@@ -193,7 +198,7 @@ throughput() {
     for streams in 1 4; do
       name="tcp_${dir}_P${streams}"
       [ "$TCP_OK" = 1 ] || { unsupported "$label" "$mtu" "$name" "$TCP_WHY"; continue; }
-      for rep in $(seq 1 "$REPS"); do
+      for rep in $REP; do
         local extra=(); [ $dir = down ] && extra=(-R)
         c0=$(cpu_ticks "${bpid:-0}")
         measured "$label $mtu $name" eval 'out=$(iperf "$where" "$addr" -t "$DUR" -P "$streams" "${extra[@]}")'
@@ -224,7 +229,7 @@ throughput() {
     has_case udp || break
     name="udp_${dir}"
     [ "$TCP_OK" = 1 ] || { unsupported "$label" "$mtu" "$name" "iperf3 needs TCP for its control connection"; continue; }
-    for rep in $(seq 1 "$REPS"); do
+    for rep in $REP; do
       local extra=(); [ $dir = down ] && extra=(-R)
       c0=$(cpu_ticks "${bpid:-0}")
       # -w: both ends' socket buffers. With the default (208 KiB) the receiving iperf3,
@@ -255,7 +260,7 @@ rr_cases() {
     # Warm-up, not recorded: the first connections after an attach grow the back-end's
     # tables and fault its memory in.
     "${cli[@]}" "${LAT[@]}" timeout 10 "$BIN/passt-rr" $kind --to "$REMOTE:12865" --seconds 0.5 >/dev/null 2>&1
-    for rep in $(seq 1 "$REPS"); do
+    for rep in $REP; do
       measured "$label $mtu tcp_$kind" eval 'out=$("${cli[@]}" "${LAT[@]}" timeout $(( RRDUR + 10 )) "$BIN/passt-rr" $kind --to "$REMOTE:12865" --seconds "$RRDUR" 2>&1)'
       local tps lat
       tps=$(sed -n 's/.*trans_per_s=\([0-9.]*\).*/\1/p' <<<"$out")
@@ -280,7 +285,7 @@ rr_cases() {
 ping_case() {
   local label=$1 mtu=$2 where=$3 rep out avg cli=()
   [ "$where" = guest ] && cli=(nsenter -t "$GUEST" -n --)
-  for rep in $(seq 1 "$REPS"); do
+  for rep in $REP; do
     measured "$label $mtu icmp" eval 'out=$("${cli[@]}" "${LAT[@]}" ping -n -A -c "$PINGS" -W 2 "$REMOTE" 2>&1)'
     # Mean of the middle half: ping prints whole microseconds, so a median would move in
     # 5 % steps.
@@ -415,39 +420,61 @@ available() {
 
 # --- References: no back-end ----------------------------------------------------------------
 
-TCP_OK=1; TCP_WHY=""
-has_case ref && say "references: loopback and bare veth (host namespace)"
-for r in loopback veth; do
-  has_case ref || break
-  addr=$REMOTE; [ $r = loopback ] && addr=127.0.0.1
-  for streams in 1 4; do
-    for rep in $(seq 1 "$REPS"); do
-      measured "ref-$r tcp_up_P$streams" eval 'out=$(iperf host "$addr" -t "$DUR" -P "$streams")'
-      if [ "${out%% *}" = ERR ]; then harness_error "reference $r: ${out#ERR }"; continue; fi
-      set -- $out
-      record "ref-$r" - "tcp_up_P$streams" "$rep" "$(awk -v b="$1" 'BEGIN {printf "%.1f", b / 1e6}')" Mbit/s "" "$3"
-      say "ref-$r tcp P$streams rep $rep: $(awk -v b="$1" 'BEGIN {printf "%.0f", b / 1e6}') Mbit/s"
+# The machine's own noise floor: memory copy bandwidth on the throughput CPU. Nothing but the
+# machine moves it, so its spread is what any throughput cell of the same run can't beat.
+memory_ref() {
+  local out
+  measured "ref-machine memcpy" eval 'out=$("${TPUT[@]}" python3 "$HERE/membw.py" "$MEMDUR")'
+  if [ -z "$out" ]; then harness_error "memory reference: no result"; return; fi
+  record ref-machine - memcpy "$REP" "$out" GB/s
+  say "ref-machine memcpy rep $REP: $out GB/s"
+}
+
+references() {
+  local r addr streams rep out
+  for r in loopback veth; do
+    addr=$REMOTE; [ $r = loopback ] && addr=127.0.0.1
+    for streams in 1 4; do
+      for rep in $REP; do
+        measured "ref-$r tcp_up_P$streams" eval 'out=$(iperf host "$addr" -t "$DUR" -P "$streams")'
+        if [ "${out%% *}" = ERR ]; then harness_error "reference $r: ${out#ERR }"; continue; fi
+        set -- $out
+        record "ref-$r" - "tcp_up_P$streams" "$rep" "$(awk -v b="$1" 'BEGIN {printf "%.1f", b / 1e6}')" Mbit/s "" "$3"
+        say "ref-$r tcp P$streams rep $rep: $(awk -v b="$1" 'BEGIN {printf "%.0f", b / 1e6}') Mbit/s"
+      done
     done
   done
-done
-has_case ref && has_case rr && rr_cases ref-veth - host
+  has_case rr && rr_cases ref-veth - host
+  memory_ref
+}
 
-for be in $BACKENDS; do
+# One repetition of every case of back-end $1: both MTUs, each with a fresh guest namespace.
+# Per back-end, decided in the first repetition and kept for the others: whether it is
+# available, can attach at an MTU, and carries TCP (TCP_OK_OF, TCP_WHY_OF).
+declare -A TCP_OK_OF=() TCP_WHY_OF=() NO_ATTACH=()
+backend_rep() {
+  local be=$1 label first mtu out
   label=$(label_of "$be")
   if ! available "$be"; then
-    say "$label: not available here, skipped"
-    echo "$label,-,available,,,unsupported: not installed or not set,,," >> "$CSV"
-    continue
+    if [ "$REP" = 1 ]; then
+      say "$label: not available here, skipped"
+      echo "$label,-,available,,,unsupported: not installed or not set,,," >> "$CSV"
+    fi
+    return
   fi
-  TCP_OK=1; TCP_WHY=""
+  TCP_OK=${TCP_OK_OF[$be]:-1}; TCP_WHY=${TCP_WHY_OF[$be]:-}
   first=1
   for mtu in $MTUS; do
+    [ -n "${NO_ATTACH[$be/$mtu]:-}" ] && continue
     # slirp4netns caps its MTU at 65520 as well; every back-end gets both MTUs.
-    say "$label: attaching (guest MTU $mtu)"
+    say "$label: attaching (guest MTU $mtu, repetition $REP)"
     if ! attach "$be" "$mtu"; then
       if required "$be"; then harness_error "$label: $ATTACH_WHY"
       else say "$label: cannot attach: $ATTACH_WHY"; fi
-      echo "$label,$mtu,attach,,,unsupported: ${ATTACH_WHY//[,$'\n']/ },,," >> "$CSV"
+      if [ "$REP" = 1 ]; then
+        echo "$label,$mtu,attach,,,unsupported: ${ATTACH_WHY//[,$'\n']/ },,," >> "$CSV"
+        NO_ATTACH[$be/$mtu]=1
+      fi
       detach
       continue
     fi
@@ -459,28 +486,41 @@ for be in $BACKENDS; do
       ( export GUEST PEER BACKEND_PID BIN RUN; eval "$BENCH_HOOK" )
       detach; continue
     fi
-    if [ $first = 1 ]; then
+    if [ $first = 1 ] && [ "$REP" = 1 ]; then
       OTHER="" record "$label" - rss_idle 1 "$(rss_kib "$BACKEND_PID")" KiB
       # Can it carry TCP at all? Otherwise every TCP case is "not supported".
       if ! out=$(nsg "${LAT[@]}" timeout 10 "$BIN/passt-rr" rr --to "$REMOTE:12865" --seconds 0.2 2>&1); then
         TCP_OK=0; TCP_WHY="not supported by this back-end yet (${out//[,$'\n']/ })"
         say "$label: TCP $TCP_WHY"
       fi
-      if has_case icmp; then
-        ping_case "$label" "$mtu" guest
-        if required "$be" && ! grep -q "^$label,$mtu,icmp_rtt,[0-9]*,[0-9]" "$CSV"; then
-          harness_error "$label: no ICMP echo reply through the back-end"
-        fi
+    fi
+    if [ $first = 1 ] && has_case icmp; then
+      ping_case "$label" "$mtu" guest
+      if required "$be" && ! grep -q "^$label,$mtu,icmp_rtt,[0-9]*,[0-9]" "$CSV"; then
+        harness_error "$label: no ICMP echo reply through the back-end"
       fi
     fi
     [ $first = 1 ] && has_case rr && rr_cases "$label" "$mtu" guest
     throughput "$label" "$mtu" guest "$REMOTE" "$BACKEND_PID"
-    # Last: closing thousands of flows takes a while (slirp4netns: over 20 s for 6,000),
-    # and the back-end goes with them.
-    [ $first = 1 ] && has_case scale && scale_cases "$label" "$mtu" "$BACKEND_PID"
+    # Last, and once: closing thousands of flows takes a while (slirp4netns: over 20 s for
+    # 6,000), and the back-end goes with them.
+    [ $first = 1 ] && [ "$REP" = 1 ] && has_case scale && scale_cases "$label" "$mtu" "$BACKEND_PID"
     first=0
     detach
   done
+  TCP_OK_OF[$be]=$TCP_OK; TCP_WHY_OF[$be]=$TCP_WHY
+}
+
+# Repetitions outermost: each visits the references and every back-end once, so what the
+# machine does for a minute (its memory bandwidth moves by ±20 % from second to second, see
+# the memory reference) lands in one repetition of many cells rather than in every repetition
+# of a few, and each cell's mean samples the whole run.
+[ -n "${BENCH_HOOK:-}" ] && REPS=1
+for REP in $(seq 1 "$REPS"); do
+  say "repetition $REP of $REPS"
+  TCP_OK=1; TCP_WHY=""
+  has_case ref && references
+  for be in $BACKENDS; do backend_rep "$be"; done
 done
 
 say "done in $(( $(date +%s) - T0 )) s ($BUSY_SPENT s measuring again while the machine was busy), harness errors: $HARNESS_ERRORS"
