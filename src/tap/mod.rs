@@ -298,7 +298,7 @@ impl<'a> Tail<'a> {
         for v in self.pieces() {
             // SAFETY: the back-end guarantees the iovecs map readable memory until the
             // batch ends; see the type's documentation for concurrent writes.
-            s.add(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+            unsafe { s.add_raw(v.iov_base as *const u8, v.iov_len) };
         }
         s
     }

@@ -85,8 +85,8 @@ pub trait SockOps {
     fn consume(&mut self, n: usize) -> io::Result<()>;
     /// Shuts the write side down (our FIN to the peer).
     fn shutdown_write(&mut self) -> io::Result<()>;
-    /// Free space in the send buffer, in bytes.
-    fn send_space(&mut self) -> usize;
+    /// The send buffer: its free space, and whether anything waits in it.
+    fn send_space(&mut self) -> SendSpace;
     /// Asks for an EPOLLOUT edge once the send buffer drains. The kernel signals space
     /// only to a socket it has seen full (`SOCK_NOSPACE`), and with the window we show
     /// the guest our sends never fail, so it would never see one; a zero-timeout poll
@@ -96,6 +96,15 @@ pub trait SockOps {
     fn arm_write_space(&mut self);
     /// The pending socket error, if any (clears it).
     fn take_error(&mut self) -> Option<io::Error>;
+}
+
+/// The socket's send buffer, as [`SockOps::send_space`] reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendSpace {
+    /// Free space, in bytes of payload.
+    pub free: usize,
+    /// Data waits in the buffer: only then can `free` grow without anything from the guest.
+    pub queued: bool,
 }
 
 /// A segment from the guest, validated (checksum, lengths, flags).
@@ -391,7 +400,7 @@ impl Conn {
             4
         };
         // The SYN-ACK's window is never scaled.
-        let wnd = sock.send_space().min(usize::from(u16::MAX)) as u16;
+        let wnd = sock.send_space().free.min(usize::from(u16::MAX)) as u16;
         self.seq_to_tap = self.isn;
         let (flags, ack) = if self.has(ev::INBOUND) {
             (flag::SYN, 0)
@@ -875,10 +884,14 @@ impl Conn {
     /// The window we show the guest: free space in the socket's send buffer, scaled.
     fn window_to_tap(&mut self, sock: &mut dyn SockOps) -> u16 {
         let max = usize::from(u16::MAX) << self.ws_to_tap;
-        let space = sock.send_space().min(max);
+        let SendSpace { free, queued } = sock.send_space();
+        let space = free.min(max);
         // Below a few segments, the guest may stall waiting for us: update it when the
-        // send buffer drains.
-        if space < (4 * usize::from(self.mss_link)).min(max / 2) {
+        // send buffer drains. With nothing queued nothing drains, and the guest's next data
+        // brings us back here: a fresh socket's buffer is smaller than 4 segments at large
+        // MTUs, and polling it (WND_POLL) made every idle flow cost CPU, 10,000 of them all
+        // of it.
+        if queued && space < (4 * usize::from(self.mss_link)).min(max / 2) {
             self.set(ev::WND_CLAMPED);
             sock.arm_write_space();
         } else {
@@ -1125,6 +1138,8 @@ pub(crate) mod tests {
         pub rx: VecDeque<u8>,
         pub eof: bool,
         pub space: usize,
+        /// Nothing waits in the send buffer (default: something does).
+        pub nothing_queued: bool,
         pub take_max: Option<usize>,
         pub error: Option<ErrorKind>,
         pub shut_wr: bool,
@@ -1199,8 +1214,11 @@ pub(crate) mod tests {
             self.shut_wr = true;
             Ok(())
         }
-        fn send_space(&mut self) -> usize {
-            self.space
+        fn send_space(&mut self) -> SendSpace {
+            SendSpace {
+                free: self.space,
+                queued: !self.nothing_queued,
+            }
         }
         fn arm_write_space(&mut self) {
             self.armed += 1;
@@ -1485,6 +1503,34 @@ pub(crate) mod tests {
         assert_eq!(up.len(), 1);
         assert_eq!(up[0].wnd, ((1usize << 20) >> WS_TO_TAP) as u16);
         assert!(!t.conn.has(ev::WND_CLAMPED));
+    }
+
+    #[test]
+    fn small_empty_send_buffer_is_not_polled() {
+        let mut t = established();
+        // A fresh socket's buffer, below 4 segments, nothing in it: the window says so, but
+        // nothing can reopen it by draining, so nothing waits for it.
+        t.sock.space = 1024;
+        t.sock.nothing_queued = true;
+        let s = guest_seq(&t);
+        t.seg(Seg {
+            ack: Some(ISN + 1),
+            ..data(s, b"x")
+        });
+        assert_eq!(t.take()[0].wnd, 1024 >> WS_TO_TAP);
+        assert!(!t.conn.has(ev::WND_CLAMPED));
+        assert_eq!(t.sock.armed, 0);
+        assert_eq!(t.conn.wakeup(t.now), t.now + ACT_TIMEOUT);
+        // Once data waits in it, the same window is clamped and watched.
+        t.sock.nothing_queued = false;
+        let s = guest_seq(&t);
+        t.seg(Seg {
+            ack: Some(ISN + 1),
+            ..data(s, b"y")
+        });
+        assert!(t.conn.has(ev::WND_CLAMPED));
+        assert!(t.sock.armed > 0);
+        assert_eq!(t.conn.wakeup(t.now), t.now + WND_POLL);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use super::conn::SockOps;
+use super::conn::{SendSpace, SockOps};
 
 /// `SO_PEEK_OFF` (asm-generic; the same on every architecture we build for).
 const SO_PEEK_OFF: libc::c_int = 42;
@@ -267,7 +267,7 @@ impl SockOps for HostSock {
         cvt(unsafe { libc::shutdown(self.raw_fd(), libc::SHUT_WR) }).map(drop)
     }
 
-    fn send_space(&mut self) -> usize {
+    fn send_space(&mut self) -> SendSpace {
         let fd = self.raw_fd();
         // The kernel's own accounting: the buffer and what its queue takes of it, both in
         // memory (payload plus skb overhead). Showing the guest most of the difference lets
@@ -289,20 +289,26 @@ impl SockOps for HostSock {
             let free = mem[SK_MEMINFO_SNDBUF].saturating_sub(mem[SK_MEMINFO_WMEM_QUEUED]);
             // Overhead the payload will bring: an eighth covers the large skbs bulk data
             // makes.
-            return free as usize / 8 * 7;
+            return SendSpace {
+                free: free as usize / 8 * 7,
+                queued: mem[SK_MEMINFO_WMEM_QUEUED] > 0,
+            };
         }
         let Ok(sndbuf) = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF) else {
-            return 0;
+            return SendSpace::default();
         };
         let mut queued: libc::c_int = 0;
         // SAFETY: SIOCOUTQ writes one int to the pointer given.
         if unsafe { libc::ioctl(fd, SIOCOUTQ as _, &mut queued) } < 0 {
-            return 0;
+            return SendSpace::default();
         }
         // Kernels before 4.13: SO_SNDBUF counts memory (payload and overhead), SIOCOUTQ
         // payload only; three quarters of the buffer still takes the queue past the
         // kernel's "full" mark (two thirds).
-        (sndbuf.max(0) as usize / 4 * 3).saturating_sub(queued.max(0) as usize)
+        SendSpace {
+            free: (sndbuf.max(0) as usize / 4 * 3).saturating_sub(queued.max(0) as usize),
+            queued: queued > 0,
+        }
     }
 
     fn arm_write_space(&mut self) {
@@ -367,7 +373,7 @@ mod tests {
         let chunk = [0x5au8; 16384];
         let mut total = 0;
         loop {
-            let space = s.send_space();
+            let space = s.send_space().free;
             if space == 0 {
                 break;
             }

@@ -1353,25 +1353,22 @@ fn iovecs(
     true
 }
 
-/// The RFC 1071 sum of `len` bytes of `segs` from byte `at` on, read with volatile copies
-/// (the guest may write these bytes while we read them: the sum is then wrong and the guest
+/// The RFC 1071 sum of `len` bytes of `segs` from byte `at` on, read where they lie (the
+/// guest may write these bytes while we read them: the sum is then wrong and the guest
 /// drops its own corrupted frame, which is all it can expect).
 fn sum_guest(mem: &GuestMemoryMmap, segs: &[Seg], at: usize, mut len: usize) -> Option<PartialSum> {
     let (si, mut off) = locate(segs, at)?;
     let mut sum = PartialSum::default();
-    let mut chunk = [0u8; 1024];
     for s in &segs[si..] {
         if len == 0 {
             break;
         }
         let n = (s.len as usize - off).min(len);
-        let mut done = 0;
-        while done < n {
-            let k = (n - done).min(chunk.len());
-            mem.read_slice(&mut chunk[..k], s.addr.unchecked_add((off + done) as u64))
-                .ok()?;
-            sum.add(&chunk[..k]);
-            done += k;
+        for slice in mem.get_slices(s.addr.unchecked_add(off as u64), n) {
+            let slice = slice.ok()?;
+            // SAFETY: the host mapping of guest memory we hold mapped, `slice.len()` bytes,
+            // read through the raw pointer (see `PartialSum::add_raw`).
+            unsafe { sum.add_raw(slice.ptr_guard().as_ptr(), slice.len()) };
         }
         len -= n;
         off = 0;
