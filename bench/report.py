@@ -83,7 +83,7 @@ TITLES = {
     "udp_down": "UDP peer→guest", "udp_down_loss": "UDP peer→guest loss",
     "tcp_rr": "TCP_RR (1 B)", "tcp_rr_lat": "TCP_RR mean latency", "tcp_crr": "TCP_CRR",
     "tcp_crr_lat": "TCP_CRR mean time", "icmp_rtt": "ICMP echo RTT (middle half)", "rss_idle": "back-end RSS, idle",
-    "memcpy": "memory copy, 16 MiB blocks (the machine)",
+    "memcpy": "memory copy, 256 KiB blocks (the machine)",
 }
 
 
@@ -135,8 +135,8 @@ if loads:
 if len(vals.get(("ref-machine", "-", "memcpy"), [])) > 1:
     mean, dev, _ = stats(vals[("ref-machine", "-", "memcpy")])
     lines.append(f"The machine itself: copying memory ran at {fmt(mean)} GB/s ±{dev:.0f}% over "
-                 "the repetitions (ref-machine, measured in each). Throughput cells spread "
-                 "at least as much as the machine's own bandwidth does.\n")
+                 "the repetitions (ref-machine, measured in each; nothing but the machine "
+                 "moves it).\n")
 head = "| case | MTU | unit | " + " | ".join(cols) + " |"
 lines.append(head)
 lines.append("|" + "---|" * (3 + len(cols)))

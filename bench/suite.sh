@@ -420,8 +420,8 @@ available() {
 
 # --- References: no back-end ----------------------------------------------------------------
 
-# The machine's own noise floor: memory copy bandwidth on the throughput CPU. Nothing but the
-# machine moves it, so its spread is what any throughput cell of the same run can't beat.
+# How steady the machine was: memory copy bandwidth on the throughput CPU, which nothing but
+# the machine moves.
 memory_ref() {
   local out
   measured "ref-machine memcpy" eval 'out=$("${TPUT[@]}" python3 "$HERE/membw.py" "$MEMDUR")'
@@ -511,10 +511,10 @@ backend_rep() {
   TCP_OK_OF[$be]=$TCP_OK; TCP_WHY_OF[$be]=$TCP_WHY
 }
 
-# Repetitions outermost: each visits the references and every back-end once, so what the
-# machine does for a minute (its memory bandwidth moves by ±20 % from second to second, see
-# the memory reference) lands in one repetition of many cells rather than in every repetition
-# of a few, and each cell's mean samples the whole run.
+# Repetitions outermost: each visits the references and every back-end once, so a slow
+# minute of the machine (its DRAM copy bandwidth fell from 17.9 to 8.3 GB/s within one run)
+# lands in one repetition of many cells rather than in every repetition of a few, and each
+# cell's mean samples the whole run.
 [ -n "${BENCH_HOOK:-}" ] && REPS=1
 for REP in $(seq 1 "$REPS"); do
   say "repetition $REP of $REPS"
