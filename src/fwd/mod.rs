@@ -407,6 +407,8 @@ pub fn open_listeners(
                     if ty == libc::SOCK_STREAM {
                         // SAFETY: plain listen(2) on our socket.
                         cvt(unsafe { libc::listen(fd.as_raw_fd(), LISTEN_BACKLOG) })?;
+                    } else {
+                        crate::sys::max_rcvbuf(fd.as_raw_fd());
                     }
                     Ok(fd)
                 });

@@ -85,7 +85,8 @@
 //! If the back-end has no room (the guest posted no RX buffers, or the stream socket is
 //! backed up), the flow stops reading: its socket leaves the epoll read set, and its
 //! datagrams wait in the kernel's socket receive buffer. That buffer is our bounded queue
-//! for datagrams waiting for the guest: it holds `SO_RCVBUF` bytes, costs us nothing, and
+//! for datagrams waiting for the guest: it holds `SO_RCVBUF` bytes (as many as the host
+//! allows, [`crate::sys::max_rcvbuf`]), costs us nothing, and
 //! what it can't hold the kernel drops and counts; the running count comes with the
 //! datagrams queued after the drops (`SO_RXQ_OVFL`, read from the first datagram of each
 //! batch) and goes to [`UdpStats::sock_drops`]. The back-end asks
@@ -1033,6 +1034,7 @@ fn flow_socket(target: SocketAddr, port: u16) -> Result<OwnedFd, Errno> {
     // Drop counts on received datagrams: what overflowed while the flow waited for room.
     // Without it (never seen) the count just stays at zero.
     let _ = crate::sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1);
+    crate::sys::max_rcvbuf(fd);
     let unspecified = wire::unspecified_like(target.ip());
     let local: SockaddrStorage = SocketAddr::new(unspecified, port).into();
     if socket::bind(fd, &local).is_err() {
