@@ -82,6 +82,22 @@ say "suite finished in $(( $(date +%s) - start )) s (exit $rc)"
 
 python3 "$ROOT/bench/report.py" "$CSV" "$OUT/machine-$STAMP.txt" "$OUT" "$STAMP" || rc=1
 if [ $SMOKE = 0 ]; then
+  # Spread across runs, not only within this one: this run beside the two full runs before
+  # it in $OUT (whatever their code: compare.py names each run's version and outside load).
+  full=()
+  for m in "$OUT"/machine-*.txt; do
+    r=$(dirname "$m")/raw-$(basename "$m" .txt | sed 's/^machine-//').csv
+    grep -q '^mode: full' "$m" && [ -f "$r" ] && full+=("$r")
+  done
+  if [ ${#full[@]} -ge 2 ]; then
+    last=("${full[@]: -3}")
+    {
+      printf '\n## Across the last %d full runs\n\n' ${#last[@]}
+      python3 "$ROOT/bench/compare.py" "${last[@]}"
+    } > "$RUN/across.md" && cat "$RUN/across.md" >> "$OUT/results-$STAMP.md"
+    cp "$OUT/results-$STAMP.md" "$OUT/latest.md"
+    grep '^- ' "$RUN/across.md" | sed 's/^- /bench: across the last runs: /' >&2
+  fi
   cp "$CSV" "$OUT/latest.csv"
   say "results: $OUT/results-$STAMP.md (also latest.md, latest.csv, *.png)"
 else
