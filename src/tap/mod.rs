@@ -97,6 +97,13 @@ pub trait ToGuest {
         send_batch_one(self, hdr_len, size, max_payload, w)
     }
 
+    /// Whether [`ToGuest::send_batch`] builds several frames per call here rather than
+    /// one through [`ToGuest::send_with`] (the default): only then is a stream socket's
+    /// data worth receiving for several frames with one system call.
+    fn batches(&self) -> bool {
+        false
+    }
+
     /// Whether room came back since a [`ToGuest::send_with`] was refused with
     /// [`SendWith::NoRoom`] (the guest added RX buffers, the socket drained). Clears the
     /// condition: callers retry what they held back, once.

@@ -313,6 +313,10 @@ impl ToGuest for Writer {
         }
     }
 
+    fn batches(&self) -> bool {
+        true
+    }
+
     /// Room is back once a maximum frame fits again.
     fn room_returned(&mut self) -> bool {
         if self.starved && !self.broken && self.room() >= LEN_BYTES + MAX_GUEST_FRAME {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use smoltcp::wire::{IpProtocol, TcpPacket};
 
-use crate::tap::{FrameWriter, SendWith, Tail, ToGuest};
+use crate::tap::{BatchWriter, FrameWriter, SendBatch, SendWith, Tail, ToGuest, MAX_BATCH};
 use crate::wire;
 
 /// TCP header flags.
@@ -744,8 +744,10 @@ impl Conn {
         Verdict::Keep
     }
 
-    /// Socket data peeked straight into frames the back-end lends ([`ToGuest::send_with`]):
-    /// one segment per frame, one copy (kernel to guest memory in vhost-user mode).
+    /// Socket data peeked straight into frames the back-end lends: one copy (kernel to
+    /// guest memory in vhost-user mode). Back-ends that build several frames per call
+    /// ([`ToGuest::batches`]) get up to [`MAX_BATCH`] segments per `recvmsg()`; the others
+    /// one segment per frame ([`ToGuest::send_with`]).
     fn sock_to_tap_in_place(
         &mut self,
         now: Instant,
@@ -754,35 +756,49 @@ impl Conn {
     ) -> InPlace {
         let wnd = self.window_to_tap(sock);
         let hdr_len = wire::l3_header_len(self.ends.guest.0.is_ipv6()) + TCP_HLEN;
+        let batches = out.to_guest.batches();
         let mut sent_any = false;
         let verdict = loop {
             let in_flight = self.in_flight();
             if in_flight >= self.wnd_from_tap {
                 break Verdict::Keep;
             }
-            let want = ((self.wnd_from_tap - in_flight) as usize).min(self.mss_to_tap);
-            let mut w = SegWriter {
-                sock: &mut *sock,
-                skip: in_flight as usize,
-                peeked: None,
-                drained: false,
+            let budget = (self.wnd_from_tap - in_flight) as usize;
+            let h = Header {
+                seq: self.seq_to_tap,
+                ack: self.seq_from_tap,
+                flags: flag::ACK,
+                wnd,
+            };
+            let frame = FrameInfo {
                 guest_mac: out.guest_mac,
                 our_mac: out.our_mac,
                 src: self.ends.remote,
                 dst: self.ends.guest,
-                h: Header {
-                    seq: self.seq_to_tap,
-                    ack: self.seq_from_tap,
-                    flags: flag::ACK,
-                    wnd,
-                },
+                h,
             };
-            let res = out
-                .to_guest
-                .send_with(hdr_len, want.min(MIN_SEG), want, &mut w);
-            let (peeked, drained) = (w.peeked, w.drained);
-            match res {
-                SendWith::Sent(n) => {
+            let step = if batches {
+                batch_step(
+                    &mut *sock,
+                    in_flight as usize,
+                    budget,
+                    self.mss_to_tap,
+                    frame,
+                    hdr_len,
+                    out,
+                )
+            } else {
+                frame_step(
+                    &mut *sock,
+                    in_flight as usize,
+                    budget.min(self.mss_to_tap),
+                    frame,
+                    hdr_len,
+                    out,
+                )
+            };
+            match step.res {
+                Stepped::Sent(n) => {
                     sent_any = true;
                     self.wnd_to_tap_sent.set(wnd);
                     self.last_activity = now;
@@ -791,16 +807,16 @@ impl Conn {
                         self.seq_max_to_tap = self.seq_to_tap;
                     }
                     // Edge-triggered: new data is reported again, no need to ask now.
-                    if drained {
+                    if step.drained {
                         break Verdict::Keep;
                     }
                 }
-                SendWith::NoRoom => {
+                Stepped::NoRoom => {
                     self.tap_blocked = true;
                     break Verdict::Keep;
                 }
-                SendWith::Dropped => break Verdict::Keep,
-                SendWith::Abandoned => match peeked {
+                Stepped::Dropped => break Verdict::Keep,
+                Stepped::Abandoned => match step.peeked {
                     None => return InPlace::Unsupported,
                     Some(Ok(0)) => {
                         if sent_any {
@@ -989,20 +1005,106 @@ enum InPlace {
     Unsupported,
 }
 
+/// Addresses and header fields of the data segments one step builds.
+#[derive(Clone, Copy)]
+struct FrameInfo {
+    guest_mac: [u8; 6],
+    our_mac: [u8; 6],
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+    /// The first segment's; later ones of a batch follow on in sequence.
+    h: Header,
+}
+
+impl FrameInfo {
+    /// Headers for `len` bytes summing to `payload_sum`, `offset` bytes into the step's
+    /// data, pushed (PSH) if `push`.
+    fn header(
+        &self,
+        hdr: &mut [u8],
+        offset: usize,
+        len: usize,
+        payload_sum: u16,
+        push: bool,
+    ) -> bool {
+        let mut h = self.h;
+        h.seq = h.seq.wrapping_add(offset as u32);
+        if push {
+            h.flags |= flag::PSH;
+        }
+        build_header(
+            hdr,
+            self.guest_mac,
+            self.our_mac,
+            self.src,
+            self.dst,
+            h,
+            &[],
+            len,
+            payload_sum,
+        ) == Some(hdr.len())
+    }
+}
+
+/// What one step of [`Conn::sock_to_tap_in_place`] did.
+struct Step {
+    res: Stepped,
+    /// What the peek returned (`None`: not supported, or not called).
+    peeked: Option<io::Result<usize>>,
+    /// The peek returned less than the room: the socket has nothing more now.
+    drained: bool,
+}
+
+enum Stepped {
+    /// Segments with this many bytes of data went out (or were lost in the back-end,
+    /// which counts them: the guest's ACKs then bring them back).
+    Sent(usize),
+    NoRoom,
+    Dropped,
+    /// Nothing was peeked: see [`Step::peeked`].
+    Abandoned,
+}
+
+/// One segment of up to `max` bytes, in a frame of its own ([`ToGuest::send_with`]).
+fn frame_step(
+    sock: &mut dyn SockOps,
+    skip: usize,
+    max: usize,
+    frame: FrameInfo,
+    hdr_len: usize,
+    out: &mut Out,
+) -> Step {
+    let mut w = SegWriter {
+        sock,
+        skip,
+        peeked: None,
+        drained: false,
+        frame,
+    };
+    let res = match out
+        .to_guest
+        .send_with(hdr_len, max.min(MIN_SEG), max, &mut w)
+    {
+        SendWith::Sent(n) => Stepped::Sent(n),
+        SendWith::NoRoom => Stepped::NoRoom,
+        SendWith::Dropped => Stepped::Dropped,
+        SendWith::Abandoned => Stepped::Abandoned,
+    };
+    Step {
+        res,
+        peeked: w.peeked,
+        drained: w.drained,
+    }
+}
+
 /// One data segment built in place: the payload peeked into the frame's room, the header
 /// written around it.
 struct SegWriter<'a> {
     sock: &'a mut dyn SockOps,
     skip: usize,
-    /// What the peek returned (`None`: not supported).
     peeked: Option<io::Result<usize>>,
-    /// The peek returned less than the room: the socket has nothing more now.
     drained: bool,
-    guest_mac: [u8; 6],
-    our_mac: [u8; 6],
-    src: (IpAddr, u16),
-    dst: (IpAddr, u16),
-    h: Header,
+    frame: FrameInfo,
 }
 
 impl FrameWriter for SegWriter<'_> {
@@ -1021,21 +1123,142 @@ impl FrameWriter for SegWriter<'_> {
     }
 
     fn header(&mut self, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool {
-        let mut h = self.h;
-        if self.drained {
-            h.flags |= flag::PSH;
+        self.frame.header(hdr, 0, len, payload_sum, self.drained)
+    }
+}
+
+/// Up to `budget` bytes in segments of up to `mss`, one frame each, peeked with one
+/// `recvmsg()` ([`ToGuest::send_batch`]).
+fn batch_step(
+    sock: &mut dyn SockOps,
+    skip: usize,
+    budget: usize,
+    mss: usize,
+    frame: FrameInfo,
+    hdr_len: usize,
+    out: &mut Out,
+) -> Step {
+    let count = budget.div_ceil(mss.max(1)).min(MAX_BATCH);
+    let mut w = SegBatch {
+        sock,
+        skip,
+        budget,
+        mss,
+        peeked: None,
+        drained: false,
+        total: 0,
+        got: 0,
+        offs: [0; MAX_BATCH],
+        iov: [NO_IOV; BATCH_IOV],
+        frame,
+    };
+    let res = match out
+        .to_guest
+        .send_batch(hdr_len, mss.min(budget), mss, count, &mut w)
+    {
+        SendBatch::Sent { .. } => Stepped::Sent(w.total),
+        SendBatch::NoRoom => Stepped::NoRoom,
+        SendBatch::Dropped => Stepped::Dropped,
+        SendBatch::Abandoned => Stepped::Abandoned,
+    };
+    Step {
+        res,
+        peeked: w.peeked,
+        drained: w.drained,
+    }
+}
+
+/// Most pieces of frame room one batch of segments is peeked into: a frame's room may
+/// span several guest buffers (MRG_RXBUF).
+const BATCH_IOV: usize = 8 * MAX_BATCH;
+
+/// Consecutive data segments built in place, their payloads peeked with one call: each
+/// frame's room cut to one segment, the stream's bytes filling the rooms in order.
+struct SegBatch<'a> {
+    sock: &'a mut dyn SockOps,
+    skip: usize,
+    /// Bytes the guest's window takes.
+    budget: usize,
+    mss: usize,
+    peeked: Option<io::Result<usize>>,
+    drained: bool,
+    /// Bytes peeked, over all segments.
+    total: usize,
+    /// Segments with data, and where each starts in the data.
+    got: usize,
+    offs: [usize; MAX_BATCH],
+    /// The rooms, cut to segments.
+    iov: [libc::iovec; BATCH_IOV],
+    frame: FrameInfo,
+}
+
+impl BatchWriter for SegBatch<'_> {
+    fn payloads(&mut self, room: &[libc::iovec], ends: &[usize], lens: &mut [usize]) -> usize {
+        let mut caps = [0usize; MAX_BATCH];
+        let (mut at, mut prev, mut left, mut m) = (0, 0, self.budget, 0);
+        for (i, &end) in ends.iter().enumerate().take(lens.len().min(MAX_BATCH)) {
+            let end = end.clamp(prev, room.len());
+            let mut want = self.mss.min(left);
+            for v in &room[prev..end] {
+                if want == 0 || at == BATCH_IOV {
+                    break;
+                }
+                let k = v.iov_len.min(want);
+                self.iov[at] = libc::iovec {
+                    iov_base: v.iov_base,
+                    iov_len: k,
+                };
+                (at, want, caps[i]) = (at + 1, want - k, caps[i] + k);
+            }
+            prev = end;
+            if caps[i] == 0 {
+                break;
+            }
+            left -= caps[i];
+            m = i + 1;
+            // A segment cut short by our array: the ones after it would not follow on.
+            if left == 0 || at == BATCH_IOV {
+                break;
+            }
         }
-        build_header(
-            hdr,
-            self.guest_mac,
-            self.our_mac,
-            self.src,
-            self.dst,
-            h,
-            &[],
-            len,
-            payload_sum,
-        ) == Some(hdr.len())
+        if m == 0 {
+            return 0;
+        }
+        let res = self.sock.peek_iov(self.skip, &self.iov[..at]);
+        let n = match res {
+            Some(Ok(n)) if n > 0 => n,
+            other => {
+                self.peeked = other;
+                return 0;
+            }
+        };
+        self.peeked = Some(Ok(n));
+        self.total = n;
+        self.drained = n < caps[..m].iter().sum();
+        let mut rest = n;
+        for i in 0..m {
+            if rest == 0 {
+                break;
+            }
+            lens[i] = caps[i].min(rest);
+            self.offs[i] = n - rest;
+            rest -= lens[i];
+            self.got = i + 1;
+        }
+        self.got
+    }
+
+    fn overflow(&self, _i: usize) -> &[u8] {
+        // Each segment fits its room: the cut above.
+        &[]
+    }
+
+    fn header(&mut self, i: usize, hdr: &mut [u8], len: usize, payload_sum: u16) -> bool {
+        let Some(&off) = self.offs.get(i) else {
+            return false;
+        };
+        let push = self.drained && i + 1 == self.got;
+        self.frame.header(hdr, off, len, payload_sum, push)
     }
 }
 
@@ -1149,6 +1372,8 @@ pub(crate) mod tests {
         pub sends: usize,
         /// Calls to [`SockOps::arm_write_space`].
         pub armed: usize,
+        /// Calls to [`SockOps::peek_iov`].
+        pub peeks: usize,
     }
 
     impl SockOps for FakeSock {
@@ -1189,6 +1414,7 @@ pub(crate) mod tests {
             if !self.in_place {
                 return None;
             }
+            self.peeks += 1;
             let mut n = 0;
             for v in iov {
                 // SAFETY: the iovecs a back-end lends are valid for writes of their length.
@@ -1303,15 +1529,21 @@ pub(crate) mod tests {
         conn: Conn,
         sock: FakeSock,
         sink: Sink,
+        /// If set, frames go here instead of `sink`.
+        batch: Option<BatchSink>,
         buf: Vec<u8>,
         now: Instant,
     }
 
     impl T {
         fn out(&mut self) -> (Out<'_>, &mut Conn, &mut FakeSock) {
+            let to_guest: &mut dyn ToGuest = match &mut self.batch {
+                Some(b) => b,
+                None => &mut self.sink,
+            };
             (
                 Out {
-                    to_guest: &mut self.sink,
+                    to_guest,
                     guest_mac: [2; 6],
                     our_mac: [3; 6],
                     buf: &mut self.buf,
@@ -1336,7 +1568,11 @@ pub(crate) mod tests {
             conn.timer(now, sock, &mut out)
         }
         fn take(&mut self) -> Vec<Got> {
-            self.sink.frames.drain(..).map(|f| decode(&f)).collect()
+            let frames = match &mut self.batch {
+                Some(b) => &mut b.frames,
+                None => &mut self.sink.frames,
+            };
+            frames.drain(..).map(|f| decode(&f)).collect()
         }
         /// An ACK from the guest for `ack` with `wnd` (scaled by 2^2 as negotiated).
         fn ack(&mut self, ack: u32, wnd: u16) -> Verdict {
@@ -1391,6 +1627,7 @@ pub(crate) mod tests {
                 frames: vec![],
                 room: usize::MAX,
             },
+            batch: None,
             buf: vec![0; 4096],
             now,
         };
@@ -1425,6 +1662,7 @@ pub(crate) mod tests {
                 frames: vec![],
                 room: 10,
             },
+            batch: None,
             buf: vec![0; 64],
             now,
         };
@@ -1603,6 +1841,122 @@ pub(crate) mod tests {
         assert_eq!(
             (fin[0].flags & flag::FIN, fin[0].seq),
             (flag::FIN, ISN + 1 + 5050)
+        );
+    }
+
+    /// A back-end that builds several frames per call ([`ToGuest::send_batch`]), each
+    /// frame's room made of pieces of `pieces` bytes (cycled): MRG_RXBUF buffers of odd
+    /// sizes.
+    struct BatchSink {
+        frames: Vec<Vec<u8>>,
+        pieces: Vec<usize>,
+        calls: usize,
+    }
+
+    impl ToGuest for BatchSink {
+        fn send(&mut self, parts: &[&[u8]]) -> bool {
+            self.frames.push(parts.concat());
+            true
+        }
+        fn flush(&mut self) {}
+        fn batches(&self) -> bool {
+            true
+        }
+        fn send_batch(
+            &mut self,
+            hdr_len: usize,
+            size: usize,
+            max_payload: usize,
+            count: usize,
+            w: &mut dyn BatchWriter,
+        ) -> SendBatch {
+            self.calls += 1;
+            let mut k = 0;
+            let mut rooms: Vec<Vec<Vec<u8>>> = (0..count)
+                .map(|_| {
+                    let mut msg = vec![];
+                    while msg.iter().map(Vec::len).sum::<usize>() < size {
+                        msg.push(vec![0u8; self.pieces[k % self.pieces.len()]]);
+                        k += 1;
+                    }
+                    msg
+                })
+                .collect();
+            let (mut iov, mut ends) = (vec![], vec![]);
+            for piece in rooms.iter_mut().flatten() {
+                iov.push(libc::iovec {
+                    iov_base: piece.as_mut_ptr().cast(),
+                    iov_len: piece.len(),
+                });
+            }
+            for msg in &rooms {
+                ends.push(ends.last().copied().unwrap_or(0) + msg.len());
+            }
+            let mut lens = vec![0; count];
+            let got = w.payloads(&iov, &ends, &mut lens);
+            if got == 0 {
+                return SendBatch::Abandoned;
+            }
+            for (i, &len) in lens.iter().enumerate().take(got) {
+                assert!(len <= max_payload && w.overflow(i).is_empty());
+                let payload = rooms[i].concat()[..len].to_vec();
+                let mut hdr = vec![0u8; hdr_len];
+                assert!(w.header(i, &mut hdr, len, wire::PartialSum::of(&payload).value()));
+                self.frames.push([hdr, payload].concat());
+            }
+            SendBatch::Sent {
+                received: got,
+                queued: got,
+            }
+        }
+    }
+
+    #[test]
+    fn host_data_peeked_once_per_batch_of_frames() {
+        let mut t = established();
+        t.sock.in_place = true;
+        t.batch = Some(BatchSink {
+            frames: vec![],
+            pieces: vec![60, 17, 300],
+            calls: 0,
+        });
+        let data: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+        t.sock.rx.extend(&data);
+        t.ready(true, false, false);
+        let segs = t.take();
+        // Window 4000, MSS 100: 40 segments, in batches of MAX_BATCH, one peek each; each
+        // segment cut from rooms of 60 + 17 + 300 bytes.
+        assert_eq!(MAX_BATCH, 32);
+        assert_eq!(t.sock.peeks, 2);
+        assert_eq!(segs.len(), 40);
+        for (i, g) in segs.iter().enumerate() {
+            assert_eq!((g.seq, g.payload.len()), (ISN + 1 + 100 * i as u32, 100));
+            assert_eq!(g.payload[..], data[100 * i..100 * (i + 1)]);
+            assert_eq!(g.flags & flag::PSH, 0, "the window, not the data, ended it");
+        }
+        assert_eq!(t.sock.rx.len(), 5000, "peeked, not consumed");
+        // The rest after an ACK: 1000 bytes in one batch, the last segment pushed.
+        t.ack(ISN + 1 + 4000, 1000);
+        let more = t.take();
+        assert_eq!(t.sock.peeks, 3);
+        assert_eq!(more.len(), 10);
+        assert_eq!(more[0].seq, ISN + 1 + 4000);
+        assert_eq!(more[9].payload[..], data[4900..]);
+        assert_eq!(more[9].flags & flag::PSH, flag::PSH);
+        // A short read: one segment, pushed; then end of stream: the FIN after it.
+        t.sock.rx.extend([1u8; 50]);
+        t.ready(true, false, false);
+        let last = t.take();
+        assert_eq!(
+            (last.len(), last[0].payload.len(), last[0].flags & flag::PSH),
+            (1, 50, flag::PSH)
+        );
+        t.sock.eof = true;
+        t.ready(true, false, false);
+        let fin = t.take();
+        assert_eq!(
+            (fin.len(), fin[0].flags & flag::FIN, fin[0].seq),
+            (1, flag::FIN, ISN + 1 + 5050)
         );
     }
 
@@ -1856,6 +2210,7 @@ pub(crate) mod tests {
                 frames: vec![],
                 room: usize::MAX,
             },
+            batch: None,
             buf: vec![0; 4096],
             now,
         };

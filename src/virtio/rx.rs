@@ -545,6 +545,10 @@ impl ToGuest for RxQueue {
         self.in_place(|rx| rx.deliver_batch(hdr_len, size, max_payload, count, w))
     }
 
+    fn batches(&self) -> bool {
+        self.rx.feat.mrg_rxbuf
+    }
+
     fn room_returned(&mut self) -> bool {
         std::mem::take(&mut self.room)
     }
