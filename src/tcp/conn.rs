@@ -798,7 +798,7 @@ impl Conn {
                 )
             };
             match step.res {
-                Stepped::Sent(n) => {
+                SendWith::Sent(n) => {
                     sent_any = true;
                     self.wnd_to_tap_sent.set(wnd);
                     self.last_activity = now;
@@ -811,12 +811,12 @@ impl Conn {
                         break Verdict::Keep;
                     }
                 }
-                Stepped::NoRoom => {
+                SendWith::NoRoom => {
                     self.tap_blocked = true;
                     break Verdict::Keep;
                 }
-                Stepped::Dropped => break Verdict::Keep,
-                Stepped::Abandoned => match step.peeked {
+                SendWith::Dropped => break Verdict::Keep,
+                SendWith::Abandoned => match step.peeked {
                     None => return InPlace::Unsupported,
                     Some(Ok(0)) => {
                         if sent_any {
@@ -1048,21 +1048,14 @@ impl FrameInfo {
 
 /// What one step of [`Conn::sock_to_tap_in_place`] did.
 struct Step {
-    res: Stepped,
+    /// As [`ToGuest::send_with`] reports it, for a batch too: `Sent(n)` with the bytes of
+    /// all its segments (some may have been lost in the back-end, which counts them: the
+    /// guest's ACKs then bring them back).
+    res: SendWith,
     /// What the peek returned (`None`: not supported, or not called).
     peeked: Option<io::Result<usize>>,
     /// The peek returned less than the room: the socket has nothing more now.
     drained: bool,
-}
-
-enum Stepped {
-    /// Segments with this many bytes of data went out (or were lost in the back-end,
-    /// which counts them: the guest's ACKs then bring them back).
-    Sent(usize),
-    NoRoom,
-    Dropped,
-    /// Nothing was peeked: see [`Step::peeked`].
-    Abandoned,
 }
 
 /// One segment of up to `max` bytes, in a frame of its own ([`ToGuest::send_with`]).
@@ -1081,15 +1074,9 @@ fn frame_step(
         drained: false,
         frame,
     };
-    let res = match out
+    let res = out
         .to_guest
-        .send_with(hdr_len, max.min(MIN_SEG), max, &mut w)
-    {
-        SendWith::Sent(n) => Stepped::Sent(n),
-        SendWith::NoRoom => Stepped::NoRoom,
-        SendWith::Dropped => Stepped::Dropped,
-        SendWith::Abandoned => Stepped::Abandoned,
-    };
+        .send_with(hdr_len, max.min(MIN_SEG), max, &mut w);
     Step {
         res,
         peeked: w.peeked,
@@ -1156,10 +1143,10 @@ fn batch_step(
         .to_guest
         .send_batch(hdr_len, mss.min(budget), mss, count, &mut w)
     {
-        SendBatch::Sent { .. } => Stepped::Sent(w.total),
-        SendBatch::NoRoom => Stepped::NoRoom,
-        SendBatch::Dropped => Stepped::Dropped,
-        SendBatch::Abandoned => Stepped::Abandoned,
+        SendBatch::Sent { .. } => SendWith::Sent(w.total),
+        SendBatch::NoRoom => SendWith::NoRoom,
+        SendBatch::Dropped => SendWith::Dropped,
+        SendBatch::Abandoned => SendWith::Abandoned,
     };
     Step {
         res,
@@ -1850,7 +1837,6 @@ pub(crate) mod tests {
     struct BatchSink {
         frames: Vec<Vec<u8>>,
         pieces: Vec<usize>,
-        calls: usize,
     }
 
     impl ToGuest for BatchSink {
@@ -1870,7 +1856,6 @@ pub(crate) mod tests {
             count: usize,
             w: &mut dyn BatchWriter,
         ) -> SendBatch {
-            self.calls += 1;
             let mut k = 0;
             let mut rooms: Vec<Vec<Vec<u8>>> = (0..count)
                 .map(|_| {
@@ -1918,7 +1903,6 @@ pub(crate) mod tests {
         t.batch = Some(BatchSink {
             frames: vec![],
             pieces: vec![60, 17, 300],
-            calls: 0,
         });
         let data: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
         t.sock.rx.extend(&data);
